@@ -1,0 +1,27 @@
+from rest_framework.permissions import BasePermission
+
+from .models import Agent
+
+
+def request_agent(request) -> Agent | None:
+    user = getattr(request, "user", None)
+    return user if isinstance(user, Agent) else None
+
+
+def is_operator(request) -> bool:
+    user = getattr(request, "user", None)
+    return bool(user is not None and not isinstance(user, Agent) and user.is_staff)
+
+
+class IsAgent(BasePermission):
+    message = "This call is for agents."
+
+    def has_permission(self, request, view):
+        return request_agent(request) is not None
+
+
+class IsAgentOrOperator(BasePermission):
+    message = "This call is for agents and operators."
+
+    def has_permission(self, request, view):
+        return request_agent(request) is not None or is_operator(request)

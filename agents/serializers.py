@@ -1,0 +1,118 @@
+from django.core.validators import RegexValidator
+from rest_framework import serializers
+
+from .models import AGENT_ID_PATTERN, Agent, Capability
+
+CAPABILITY_NAME = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$",
+    "Capability names are 1-100 characters of letters, digits, '.', '_', ':', '/' or '-'.",
+)
+MAX_CAPABILITIES = 100
+
+
+class CapabilitySerializer(serializers.ModelSerializer):
+    name = serializers.CharField(max_length=100, validators=[CAPABILITY_NAME])
+    version = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
+    description = serializers.CharField(
+        max_length=2000, required=False, allow_blank=True, default=""
+    )
+
+    class Meta:
+        model = Capability
+        fields = ["name", "version", "description"]
+
+
+def validate_capability_list(value):
+    if len(value) > MAX_CAPABILITIES:
+        raise serializers.ValidationError(f"At most {MAX_CAPABILITIES} capabilities.")
+    names = [cap["name"] for cap in value]
+    if len(names) != len(set(names)):
+        raise serializers.ValidationError("Capability names must be unique.")
+    return value
+
+
+class AgentProfileSerializer(serializers.ModelSerializer):
+    capabilities = CapabilitySerializer(many=True, read_only=True)
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Agent
+        fields = [
+            "agent_id",
+            "name",
+            "description",
+            "capabilities",
+            "metadata",
+            "status",
+            "state",
+            "last_seen_at",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_status(self, agent) -> str:
+        return agent.get_status()
+
+
+class AgentWriteSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    description = serializers.CharField(max_length=5000, required=False, allow_blank=True)
+    capabilities = CapabilitySerializer(many=True, required=False)
+    metadata = serializers.DictField(required=False)
+
+    def validate_capabilities(self, value):
+        return validate_capability_list(value)
+
+
+class AgentRegisterSerializer(AgentWriteSerializer):
+    agent_id = serializers.RegexField(
+        AGENT_ID_PATTERN,
+        max_length=64,
+        error_messages={
+            "invalid": "agent_id must match ^[a-z0-9][a-z0-9._-]{0,63}$ (lowercase letters, "
+            "digits, '.', '_', '-')."
+        },
+    )
+    capabilities = CapabilitySerializer(many=True, required=False, default=list)
+
+
+class AgentRegisteredSerializer(AgentProfileSerializer):
+    """The registration answer: the profile plus the secret and tokens, shown once."""
+
+    agent_secret = serializers.CharField()
+    access = serializers.CharField()
+    refresh = serializers.CharField()
+
+    class Meta(AgentProfileSerializer.Meta):
+        fields = [*AgentProfileSerializer.Meta.fields, "agent_secret", "access", "refresh"]
+
+
+class TokenObtainSerializer(serializers.Serializer):
+    """Agents send agent_id/agent_secret; operators may send username/password instead."""
+
+    agent_id = serializers.CharField(required=False, max_length=64)
+    agent_secret = serializers.CharField(required=False, max_length=200, trim_whitespace=False)
+    username = serializers.CharField(required=False, max_length=150)
+    password = serializers.CharField(required=False, max_length=200, trim_whitespace=False)
+
+    def validate(self, attrs):
+        if attrs.get("agent_id") and attrs.get("agent_secret"):
+            return attrs
+        if attrs.get("username") and attrs.get("password"):
+            return attrs
+        raise serializers.ValidationError("Send agent_id and agent_secret.")
+
+
+class TokenPairSerializer(serializers.Serializer):
+    access = serializers.CharField()
+    refresh = serializers.CharField()
+
+
+class TokenRefreshSerializer(serializers.Serializer):
+    refresh = serializers.CharField()
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    status = serializers.CharField()
+    last_seen_at = serializers.DateTimeField()

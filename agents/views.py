@@ -1,0 +1,184 @@
+from django.contrib.auth import authenticate
+from django.db.models import Prefetch, Q
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from . import services
+from .models import Agent, Capability
+from .permissions import IsAgent, IsAgentOrOperator, is_operator, request_agent
+from .serializers import (
+    AgentProfileSerializer,
+    AgentRegisteredSerializer,
+    AgentRegisterSerializer,
+    AgentWriteSerializer,
+    HeartbeatSerializer,
+    TokenObtainSerializer,
+    TokenPairSerializer,
+    TokenRefreshSerializer,
+)
+
+
+class DiscoveryPagination(LimitOffsetPagination):
+    default_limit = 50
+    max_limit = 500
+
+    def get_paginated_response(self, data):
+        return Response(
+            {
+                "count": self.count,
+                "next": self.get_next_link(),
+                "previous": self.get_previous_link(),
+                "results": data,
+            }
+        )
+
+
+def profiles():
+    return (
+        Agent.objects.with_open_connection()
+        .prefetch_related(Prefetch("capabilities", queryset=Capability.objects.order_by("name")))
+        .order_by("agent_id")
+    )
+
+
+class AgentListView(APIView):
+    """Register an agent (enrollment key or operator token) or discover agents."""
+
+    def get_permissions(self):
+        if self.request.method == "POST":
+            return [AllowAny()]
+        return [IsAgentOrOperator()]
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("capability", str, many=True, description="All must match."),
+            OpenApiParameter("status", str, enum=["online", "offline"]),
+            OpenApiParameter("search", str),
+        ],
+        responses=AgentProfileSerializer(many=True),
+    )
+    def get(self, request):
+        queryset = profiles().active()
+        capabilities = request.query_params.getlist("capability")
+        if capabilities:
+            queryset = queryset.with_capabilities(capabilities)
+        wanted = request.query_params.get("status")
+        if wanted == "online":
+            queryset = queryset.online()
+        elif wanted == "offline":
+            queryset = queryset.offline()
+        elif wanted:
+            raise exceptions.ValidationError({"status": ["Must be 'online' or 'offline'."]})
+        text = request.query_params.get("search", "").strip()
+        if text:
+            queryset = queryset.filter(
+                Q(agent_id__icontains=text)
+                | Q(name__icontains=text)
+                | Q(description__icontains=text)
+                | Q(capabilities__name__icontains=text)
+            ).distinct()
+        paginator = DiscoveryPagination()
+        page = paginator.paginate_queryset(queryset, request, view=self)
+        return paginator.get_paginated_response(AgentProfileSerializer(page, many=True).data)
+
+    @extend_schema(
+        request=AgentRegisterSerializer,
+        responses={201: AgentRegisteredSerializer},
+        parameters=[OpenApiParameter("X-Enrollment-Key", str, OpenApiParameter.HEADER)],
+    )
+    def post(self, request):
+        key = request.headers.get("X-Enrollment-Key")
+        if key is None and not is_operator(request):
+            if request.auth is not None:
+                raise exceptions.PermissionDenied("Only operators may register agents with a token.")
+            raise exceptions.NotAuthenticated("Send X-Enrollment-Key or an operator's token.")
+        serializer = AgentRegisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        agent, secret = services.agent_register(
+            **serializer.validated_data, enrollment_key=None if is_operator(request) else key
+        )
+        tokens = services.tokens_issue(agent=agent)
+        body = AgentProfileSerializer(profiles().get(pk=agent.pk)).data
+        return Response(
+            {**body, "agent_secret": secret, **tokens}, status=status.HTTP_201_CREATED
+        )
+
+
+class AgentDetailView(APIView):
+    permission_classes = [IsAgentOrOperator]
+
+    @extend_schema(responses=AgentProfileSerializer)
+    def get(self, request, agent_id):
+        agent = get_object_or_404(profiles().active(), agent_id=agent_id)
+        return Response(AgentProfileSerializer(agent).data)
+
+
+class AgentMeView(APIView):
+    permission_classes = [IsAgent]
+
+    def _me(self, request):
+        return profiles().get(pk=request_agent(request).pk)
+
+    @extend_schema(responses=AgentProfileSerializer)
+    def get(self, request):
+        return Response(AgentProfileSerializer(self._me(request)).data)
+
+    @extend_schema(request=AgentWriteSerializer, responses=AgentProfileSerializer)
+    def patch(self, request):
+        serializer = AgentWriteSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        services.agent_update(agent=request_agent(request), **serializer.validated_data)
+        return Response(AgentProfileSerializer(self._me(request)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request):
+        services.agent_deregister(agent=request_agent(request))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class HeartbeatView(APIView):
+    permission_classes = [IsAgent]
+
+    @extend_schema(request=None, responses=HeartbeatSerializer)
+    def post(self, request):
+        agent = request_agent(request)
+        seen = services.agent_touch(agent=agent)
+        return Response({"status": agent.get_status(), "last_seen_at": seen})
+
+
+class TokenObtainView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=TokenObtainSerializer, responses=TokenPairSerializer)
+    def post(self, request):
+        serializer = TokenObtainSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        if data.get("agent_id"):
+            agent = services.agent_authenticate(
+                agent_id=data["agent_id"], secret=data["agent_secret"]
+            )
+            return Response(services.tokens_issue(agent=agent))
+        user = authenticate(request, username=data["username"], password=data["password"])
+        if user is None or not user.is_staff:
+            raise services.TokenRejected("Invalid username or password.", code="invalid_credentials")
+        return Response(services.operator_tokens_issue(user=user))
+
+
+class TokenRefreshView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=TokenRefreshSerializer, responses=TokenPairSerializer)
+    def post(self, request):
+        serializer = TokenRefreshSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        return Response(services.tokens_refresh(raw_refresh=serializer.validated_data["refresh"]))
+
+

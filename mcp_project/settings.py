@@ -1,0 +1,236 @@
+"""Settings for the agent hub: one env-driven file that fails loudly on bad values."""
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("HUB_VAR_DIR", BASE_DIR / "var"))
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEFAULT_SECRET_KEY = "insecure-development-key-change-me"
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", DEFAULT_SECRET_KEY)
+DEBUG = env_bool("DJANGO_DEBUG", True)
+# Production mode turns the deploy checks in agents/checks.py into errors.
+HUB_PRODUCTION = env_bool("HUB_PRODUCTION", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework_simplejwt.token_blacklist",
+    "drf_spectacular",
+    "channels",
+    "agents",
+    "messaging",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "mcp_project.urls"
+ASGI_APPLICATION = "mcp_project.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+# SQLite (WAL, immediate transactions) is the embedded default; DATABASE_URL selects PostgreSQL.
+DATABASE_URL = env_str("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("SQLITE_PATH", str(VAR_DIR / "hub.sqlite3")),
+            "OPTIONS": {
+                # IMMEDIATE takes the write lock at BEGIN, so concurrent writers queue on the busy
+                # timeout instead of failing with "database is locked" on lock upgrade.
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(VAR_DIR / "test-hub.sqlite3"))},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: channel layer, Celery broker, presence ----------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6390/0")
+CHANNEL_LAYER_BACKEND = env_str("HUB_CHANNEL_LAYER", "redis")
+if CHANNEL_LAYER_BACKEND == "memory":
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+elif CHANNEL_LAYER_BACKEND == "redis":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": env_str("HUB_CHANNEL_PREFIX", "hub"),
+                # Bursts to one slow agent must not overflow its channel (PITFALLS P2); the
+                # database still holds every message if they do.
+                "capacity": env_int("HUB_CHANNEL_CAPACITY", 1000, minimum=10),
+                "expiry": 60,
+                # Consumers re-join their groups well inside this (PITFALLS P3).
+                "group_expiry": env_int("HUB_GROUP_EXPIRY", 86400, minimum=10),
+            },
+        }
+    }
+else:
+    raise ImproperlyConfigured("HUB_CHANNEL_LAYER must be 'redis' or 'memory'")
+
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- Hub behaviour ----------------------------------------------------------------------------
+HUB = {
+    # Seconds between signs of life an agent is asked for; silent for three of these = offline.
+    "HEARTBEAT_INTERVAL": env_int("HUB_HEARTBEAT_INTERVAL", 30, minimum=1),
+    "AUTH_TIMEOUT": env_int("HUB_AUTH_TIMEOUT", 10, minimum=1),
+    # Largest JSON payload (bytes, serialized) of a message or context entry.
+    "MAX_PAYLOAD_BYTES": env_int("HUB_MAX_PAYLOAD_BYTES", 256 * 1024, minimum=1024),
+    # Largest WebSocket frame the app parses; daphne enforces its own transport limit too.
+    "MAX_FRAME_BYTES": env_int("HUB_MAX_FRAME_BYTES", 512 * 1024, minimum=1024),
+    "REDELIVERY_DELAY": env_int("HUB_REDELIVERY_DELAY", 30, minimum=1),
+    "MAX_DELIVERY_ATTEMPTS": env_int("HUB_MAX_DELIVERY_ATTEMPTS", 5, minimum=1),
+    "MESSAGE_RETENTION_DAYS": env_int("HUB_MESSAGE_RETENTION_DAYS", 30, minimum=1),
+    "REQUEST_TIMEOUT": env_int("HUB_REQUEST_TIMEOUT", 30, minimum=1),
+    "MAX_REQUEST_TIMEOUT": env_int("HUB_MAX_REQUEST_TIMEOUT", 300, minimum=1),
+    "ALLOWED_ORIGINS": env_list("HUB_ALLOWED_ORIGINS", []),
+    # Groups are re-joined this often so channels-redis never expires a live member (PITFALLS P3).
+    "GROUP_REFRESH_SECONDS": env_int("HUB_GROUP_REFRESH_SECONDS", 1800, minimum=1),
+    "SWEEP_INTERVAL": env_int("HUB_SWEEP_INTERVAL", 15, minimum=1),
+    # Name of this server process, recorded on each connection it holds.
+    "SERVER_NAME": env_str("HUB_SERVER_NAME", ""),
+}
+DATA_UPLOAD_MAX_MEMORY_SIZE = HUB["MAX_FRAME_BYTES"]
+
+# --- REST and tokens --------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["agents.authentication.HubJWTAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "agents.api.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SIGNING_KEY = env_str("JWT_SIGNING_KEY", SECRET_KEY)
+SIMPLE_JWT = {
+    "ALGORITHM": "HS256",
+    "SIGNING_KEY": SIGNING_KEY,
+    "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_LIFETIME", 900, minimum=5)),
+    "REFRESH_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_REFRESH_LIFETIME", 7 * 86400, minimum=60)),
+    "ROTATE_REFRESH_TOKENS": True,
+    "BLACKLIST_AFTER_ROTATION": True,
+    "UPDATE_LAST_LOGIN": False,
+    "AUTH_HEADER_TYPES": ("Bearer",),
+    "USER_ID_FIELD": "id",
+    "USER_ID_CLAIM": "user_id",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Agent hub API",
+    "DESCRIPTION": "Registry, discovery, messaging and shared context for fleets of agents.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1/",
+}
+
+# --- Static files, i18n -----------------------------------------------------------------------
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+LOGIN_URL = "admin:login"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("HUB_LOG_LEVEL", "INFO")},
+    "loggers": {
+        # Over-capacity drops are recoverable (the database holds the message) but worth a warning.
+        "channels_redis": {"level": "WARNING"},
+        "django.db.backends": {"level": "WARNING"},
+    },
+}

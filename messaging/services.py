@@ -1,0 +1,410 @@
+"""Accepting, delivering, acknowledging and expiring messages.
+
+The database is the source of truth: a message and one delivery row per recipient are committed
+before the sender hears `accepted`. The channel layer only tells a connected recipient's sockets
+that something is waiting (PITFALLS P1, P2); whatever it drops is replayed from the database.
+"""
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from agents.models import Agent, Connection
+from agents.services import HubError
+
+from . import live, protocol
+from .models import Delivery, Mailbox, Message, Subscription
+
+logger = logging.getLogger(__name__)
+
+# Bound the number of query parameters per statement (SQLite allows 32766, older builds 999).
+CHUNK = 500
+
+
+class UnknownRecipient(HubError):
+    code = protocol.UNKNOWN_RECIPIENT
+    status = 404
+
+
+class NoResponders(HubError):
+    code = protocol.NO_RESPONDERS
+    status = 404
+
+
+class NotFound(HubError):
+    code = "not_found"
+    status = 404
+
+
+@dataclass(frozen=True)
+class Accepted:
+    message_id: uuid.UUID
+    status: str
+    recipients: int
+    duplicate: bool
+    recipient_ids: tuple = ()
+
+    def as_dict(self) -> dict:
+        return {
+            "message_id": str(self.message_id),
+            "status": self.status,
+            "recipients": self.recipients,
+            "duplicate": self.duplicate,
+        }
+
+
+def _chunks(items, size=CHUNK):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _next_seqs(recipient_ids: list[int]) -> dict[int, int]:
+    """Take the next sequence number of each recipient's mailbox, inside the caller's transaction.
+
+    Rows are locked in primary-key order, so concurrent fan-outs cannot deadlock; the lock is
+    held until commit, so per-recipient commit order equals sequence order.
+    """
+    ids = sorted(recipient_ids)
+    for chunk in _chunks(ids):
+        locked = set(
+            Mailbox.objects.select_for_update()
+            .filter(agent_id__in=chunk)
+            .order_by("agent_id")
+            .values_list("agent_id", flat=True)
+        )
+        missing = [agent_id for agent_id in chunk if agent_id not in locked]
+        if missing:
+            Mailbox.objects.bulk_create(
+                [Mailbox(agent_id=agent_id) for agent_id in missing], ignore_conflicts=True
+            )
+            list(
+                Mailbox.objects.select_for_update()
+                .filter(agent_id__in=missing)
+                .order_by("agent_id")
+                .values_list("agent_id", flat=True)
+            )
+        Mailbox.objects.filter(agent_id__in=chunk).update(last_seq=F("last_seq") + 1)
+    seqs = {}
+    for chunk in _chunks(ids):
+        seqs.update(Mailbox.objects.filter(agent_id__in=chunk).values_list("agent_id", "last_seq"))
+    return seqs
+
+
+def _connected(recipient_ids) -> set[int]:
+    connected = set()
+    for chunk in _chunks(list(recipient_ids)):
+        connected.update(
+            Connection.objects.open()
+            .filter(agent_id__in=chunk)
+            .values_list("agent_id", flat=True)
+            .distinct()
+        )
+    return connected
+
+
+def _duplicate_of(sender: Agent, client_id: str) -> Accepted | None:
+    message = Message.objects.filter(sender=sender, client_id=client_id).first()
+    if message is None:
+        return None
+    statuses = set(message.deliveries.values_list("status", flat=True))
+    status = "queued" if Delivery.Status.QUEUED in statuses else "delivered"
+    return Accepted(message.id, status, message.recipient_count, duplicate=True)
+
+
+def _recipients(*, sender: Agent, kind: str, to: str | None, topic: str | None) -> list[int]:
+    if kind in (Message.Kind.DIRECT, Message.Kind.REQUEST):
+        agent_pk = Agent.objects.active().filter(agent_id=to).values_list("pk", flat=True).first()
+        if agent_pk is None:
+            raise UnknownRecipient(f"No active agent {to!r}.")
+        return [agent_pk]
+    if kind == Message.Kind.BROADCAST:
+        return list(Agent.objects.active().exclude(pk=sender.pk).values_list("pk", flat=True))
+    return list(
+        Subscription.objects.filter(topic=topic, agent__state=Agent.State.ACTIVE).values_list(
+            "agent_id", flat=True
+        )
+    )
+
+
+def message_send(
+    *,
+    sender: Agent,
+    kind: str,
+    payload,
+    to: str | None = None,
+    topic: str | None = None,
+    client_id: str | None = None,
+    ttl: float | None = None,
+) -> Accepted:
+    """Store a message and a delivery per recipient, then nudge the connected ones after commit.
+
+    A repeat of a client id answers the first message with duplicate=True and delivers nothing.
+    """
+    if client_id is not None and (duplicate := _duplicate_of(sender, client_id)):
+        return duplicate
+    recipient_ids = _recipients(sender=sender, kind=kind, to=to, topic=topic)
+    now = timezone.now()
+    expires_at = now + timedelta(seconds=ttl) if ttl else None
+    message = Message(
+        sender=sender,
+        kind=kind,
+        topic=topic or "",
+        payload=payload,
+        client_id=client_id,
+        recipient_count=len(recipient_ids),
+        created_at=now,
+        expires_at=expires_at,
+    )
+    try:
+        with transaction.atomic():
+            message.save(force_insert=True)
+            seqs = _next_seqs(recipient_ids)
+            Delivery.objects.bulk_create(
+                [
+                    Delivery(
+                        message=message,
+                        recipient_id=recipient_id,
+                        seq=seqs[recipient_id],
+                        expires_at=expires_at,
+                    )
+                    for recipient_id in recipient_ids
+                ],
+                batch_size=CHUNK,
+            )
+            connected = _connected(recipient_ids)
+            frames = {
+                recipient_id: protocol.message_frame(
+                    message_id=message.id,
+                    seq=seqs[recipient_id],
+                    kind=kind,
+                    sender=sender.agent_id,
+                    payload=payload,
+                    sent_at=now,
+                    topic=topic or "",
+                )
+                for recipient_id in connected
+            }
+            transaction.on_commit(lambda: live.notify_deliveries(frames))
+    except IntegrityError:
+        # Two sends with one client id raced past the first check: the loser answers the winner.
+        if client_id is not None and (duplicate := _duplicate_of(sender, client_id)):
+            return duplicate
+        raise
+    status = "delivered" if len(connected) == len(recipient_ids) else "queued"
+    return Accepted(message.id, status, len(recipient_ids), False, tuple(recipient_ids))
+
+
+def request_recipient(*, requester: Agent, to: str | None, capability: str | None) -> str:
+    """Choose who answers a request: the named agent, or one online holder of the capability."""
+    if to is not None:
+        return to
+    holders = list(
+        Agent.objects.active()
+        .exclude(pk=requester.pk)
+        .filter(capabilities__name=capability, connections__closed_at__isnull=True)
+        .values_list("agent_id", flat=True)
+        .distinct()
+    )
+    if not holders:
+        raise NoResponders(f"No online agent has capability {capability!r}.")
+    # A uniform choice spreads requests across holders without shared state between processes.
+    return random.choice(holders)
+
+
+def reply_send(*, replier: Agent, in_reply_to: uuid.UUID, payload) -> Message:
+    """Log a reply, settle the request's delivery and route the answer to the requester."""
+    request = (
+        Message.objects.select_related("sender")
+        .filter(pk=in_reply_to, kind=Message.Kind.REQUEST, deliveries__recipient=replier)
+        .first()
+    )
+    if request is None:
+        raise NotFound(f"No request {in_reply_to} was sent to you.")
+    now = timezone.now()
+    with transaction.atomic():
+        reply = Message.objects.create(
+            sender=replier,
+            kind=Message.Kind.REPLY,
+            payload=payload,
+            in_reply_to=request.pk,
+            created_at=now,
+        )
+        Delivery.objects.filter(message=request, recipient=replier).pending().update(
+            status=Delivery.Status.ACKED, acked_at=now
+        )
+        transaction.on_commit(
+            lambda: live.notify_response(
+                request.sender_id,
+                {"in_reply_to": str(request.pk), "from": replier.agent_id, "payload": payload},
+            )
+        )
+    return reply
+
+
+def deliveries_ack(
+    *, recipient: Agent, message_ids: list | None = None, up_to_seq: int | None = None
+) -> int:
+    """Mark deliveries processed; answer how many changed. Acks of unknown ids are ignored."""
+    pending = Delivery.objects.pending().filter(recipient=recipient)
+    if up_to_seq is not None:
+        pending = pending.filter(seq__lte=up_to_seq)
+    else:
+        pending = pending.filter(message_id__in=message_ids)
+    return pending.update(status=Delivery.Status.ACKED, acked_at=timezone.now())
+
+
+def deliveries_mark_delivered(*, recipient_id: int, seqs: list[int]) -> int:
+    """Record that these deliveries were written to a socket (one attempt each)."""
+    changed = 0
+    for chunk in _chunks(seqs):
+        changed += (
+            Delivery.objects.pending()
+            .filter(recipient_id=recipient_id, seq__in=chunk)
+            .update(
+                status=Delivery.Status.DELIVERED,
+                delivered_at=timezone.now(),
+                attempts=F("attempts") + 1,
+            )
+        )
+    return changed
+
+
+def pending_frames(*, recipient: Agent, after_seq: int = 0, limit: int = 1000, mark=True) -> list:
+    """Return the recipient's unexpired, unacknowledged messages as frames, oldest first."""
+    now = timezone.now()
+    rows = list(
+        Delivery.objects.pending()
+        .filter(recipient=recipient, seq__gt=after_seq)
+        .exclude(expires_at__lte=now)
+        .select_related("message", "message__sender")
+        .order_by("seq")[:limit]
+    )
+    frames = [
+        protocol.message_frame(
+            message_id=row.message_id,
+            seq=row.seq,
+            kind=row.message.kind,
+            sender=row.message.sender.agent_id,
+            payload=row.message.payload,
+            sent_at=row.message.created_at,
+            topic=row.message.topic,
+            redelivered=row.attempts > 0,
+            attempt=row.attempts + 1,
+        )
+        for row in rows
+    ]
+    if mark and rows:
+        deliveries_mark_delivered(recipient_id=recipient.pk, seqs=[row.seq for row in rows])
+    return frames
+
+
+def pending_count(*, recipient: Agent) -> int:
+    now = timezone.now()
+    return (
+        Delivery.objects.pending().filter(recipient=recipient).exclude(expires_at__lte=now).count()
+    )
+
+
+def message_for(*, agent: Agent, message_id) -> Message:
+    """Return a message its sender or one of its recipients may read, else NotFound."""
+    message = (
+        Message.objects.select_related("sender")
+        .filter(pk=message_id)
+        .prefetch_related("deliveries__recipient")
+        .first()
+    )
+    if message is None or not (
+        message.sender_id == agent.pk
+        or any(d.recipient_id == agent.pk for d in message.deliveries.all())
+    ):
+        raise NotFound("No such message.")
+    return message
+
+
+# --- Topics -------------------------------------------------------------------------------------
+
+
+def topic_subscribe(*, agent: Agent, topic: str) -> bool:
+    _, created = Subscription.objects.get_or_create(agent=agent, topic=topic)
+    return created
+
+
+def topic_unsubscribe(*, agent: Agent, topic: str) -> bool:
+    deleted, _ = Subscription.objects.filter(agent=agent, topic=topic).delete()
+    return bool(deleted)
+
+
+# --- Sweeps -------------------------------------------------------------------------------------
+
+
+def deliveries_redeliver_due() -> dict:
+    """Dead-letter deliveries out of attempts; ask the sockets of the rest to replay.
+
+    Queued rows of connected recipients are included too: their nudge may have been dropped.
+    """
+    hub = settings.HUB
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=hub["REDELIVERY_DELAY"])
+    dead = Delivery.objects.filter(
+        status=Delivery.Status.DELIVERED,
+        delivered_at__lt=cutoff,
+        attempts__gte=hub["MAX_DELIVERY_ATTEMPTS"],
+    ).update(status=Delivery.Status.DEAD)
+    due = set(
+        Delivery.objects.filter(status=Delivery.Status.DELIVERED, delivered_at__lt=cutoff)
+        .values_list("recipient_id", flat=True)
+        .distinct()
+    )
+    stuck = set(
+        Delivery.objects.filter(status=Delivery.Status.QUEUED, message__created_at__lt=cutoff)
+        .values_list("recipient_id", flat=True)
+        .distinct()
+    )
+    recipients = _connected(due | stuck)
+    if recipients:
+        live.notify_replay(recipients)
+    if dead:
+        logger.warning("dead-lettered deliveries", extra={"count": dead})
+    return {"dead": dead, "replayed_recipients": len(recipients)}
+
+
+def deliveries_expire() -> int:
+    """Expire pending deliveries whose message outlived its ttl."""
+    return Delivery.objects.pending().filter(expires_at__lte=timezone.now()).update(
+        status=Delivery.Status.EXPIRED
+    )
+
+
+def dead_letters_redeliver(*, deliveries) -> int:
+    """Give dead letters a fresh set of attempts and nudge their recipients (operator action)."""
+    ids = [d.pk for d in deliveries]
+    changed = Delivery.objects.filter(pk__in=ids, status=Delivery.Status.DEAD).update(
+        status=Delivery.Status.QUEUED, attempts=0, delivered_at=None
+    )
+    recipients = set(Delivery.objects.filter(pk__in=ids).values_list("recipient_id", flat=True))
+    transaction.on_commit(lambda: live.notify_replay(_connected(recipients)))
+    return changed
+
+
+def dead_letters_purge(*, deliveries) -> int:
+    deleted, _ = Delivery.objects.filter(
+        pk__in=[d.pk for d in deliveries], status=Delivery.Status.DEAD
+    ).delete()
+    return deleted
+
+
+def messages_purge_old() -> int:
+    """Delete settled messages past the retention period; pending ones are kept."""
+    cutoff = timezone.now() - timedelta(days=settings.HUB["MESSAGE_RETENTION_DAYS"])
+    old = Message.objects.filter(created_at__lt=cutoff).exclude(
+        deliveries__status__in=Delivery.PENDING
+    )
+    deleted, _ = old.delete()
+    return deleted
