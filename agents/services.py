@@ -17,6 +17,7 @@ from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from . import live
+from .errors import Forbidden, HubError  # noqa: F401  (re-exported for callers)
 from .models import (
     Agent,
     Capability,
@@ -33,19 +34,6 @@ RESERVED_AGENT_IDS = frozenset({"me"})
 
 CLOSE_NOT_AUTHENTICATED = 4401
 CLOSE_AGENT_DISABLED = 4403
-
-
-class HubError(Exception):
-    """A refusal with a machine-readable code; transports map it to a status or error frame."""
-
-    code = "invalid"
-    status = 400
-
-    def __init__(self, detail: str, *, code: str | None = None):
-        super().__init__(detail)
-        self.detail = detail
-        if code:
-            self.code = code
 
 
 class TokenRejected(HubError):

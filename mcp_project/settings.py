@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "channels",
     "agents",
     "messaging",
+    "security",
 ]
 
 MIDDLEWARE = [

@@ -1,0 +1,91 @@
+"""The shared cast of the test suite: agents alice, bob and carol, and an operator."""
+
+from dataclasses import dataclass
+
+import pytest
+from rest_framework.test import APIClient
+
+from agents import services
+from agents.models import Agent
+
+
+@dataclass
+class Credentials:
+    agent: Agent
+    secret: str
+    access: str
+    refresh: str
+
+    @property
+    def agent_id(self) -> str:
+        return self.agent.agent_id
+
+    @property
+    def auth_header(self) -> dict:
+        return {"HTTP_AUTHORIZATION": f"Bearer {self.access}"}
+
+    @property
+    def ws_headers(self) -> list:
+        return [(b"authorization", f"Bearer {self.access}".encode())]
+
+
+@pytest.fixture
+def make_agent(db):
+    def make(agent_id: str, capabilities=(), **fields) -> Credentials:
+        agent, secret = services.agent_register(
+            agent_id=agent_id,
+            capabilities=[{"name": name} for name in capabilities],
+            **fields,
+        )
+        tokens = services.tokens_issue(agent=agent)
+        return Credentials(agent=agent, secret=secret, **tokens)
+
+    return make
+
+
+@pytest.fixture
+def alice(make_agent) -> Credentials:
+    return make_agent("alice", capabilities=["ocr", "summarize"], name="Alice")
+
+
+@pytest.fixture
+def bob(make_agent) -> Credentials:
+    return make_agent("bob", capabilities=["credit-score"], name="Bob")
+
+
+@pytest.fixture
+def carol(make_agent) -> Credentials:
+    return make_agent("carol", capabilities=["ocr"], name="Carol")
+
+
+@pytest.fixture
+def operator(django_user_model):
+    return django_user_model.objects.create_superuser("operator", "op@example.com", "op-password-1")
+
+
+@pytest.fixture
+def operator_tokens(operator) -> dict:
+    return services.operator_tokens_issue(user=operator)
+
+
+@pytest.fixture
+def enrollment_key(db) -> str:
+    _, raw = services.enrollment_key_create(label="tests", max_uses=100)
+    return raw
+
+
+@pytest.fixture
+def api():
+    return APIClient()
+
+
+@pytest.fixture
+def as_agent():
+    """Return an API client authenticated as the given agent's credentials."""
+
+    def client(credentials: Credentials) -> APIClient:
+        c = APIClient()
+        c.credentials(**credentials.auth_header)
+        return c
+
+    return client

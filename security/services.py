@@ -1,0 +1,169 @@
+"""Access policies and the audit log: one decision point for every transport.
+
+REST views, the WebSocket consumer and any later interface ask `access_check`; a refusal raises
+Forbidden (403 / `forbidden`) and is written to the audit log.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from agents.errors import Forbidden
+from agents.models import Agent, Capability
+
+from .models import AccessPolicy, AuditEvent, PolicySettings
+
+logger = logging.getLogger(__name__)
+
+# Policies change rarely and are read on every send: each process keeps them this long (seconds).
+POLICY_CACHE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    effect: str
+    subject_kind: str
+    subject: str
+    action: str
+    target: str
+    priority: int
+
+    def matches_target(self, target: str) -> bool:
+        return target_matches(self.target, target)
+
+
+def target_matches(pattern: str, target: str) -> bool:
+    """Match '*', an exact name, or 'prefix.*' (the prefix and anything below it)."""
+    if pattern == "*":
+        return True
+    if pattern.endswith(".*"):
+        prefix = pattern[:-2]
+        return target == prefix or target.startswith(prefix + ".")
+    return pattern == target
+
+
+class _PolicyCache:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loaded_at = float("-inf")
+        self.rules: tuple[Rule, ...] = ()
+        self.default_effect = AccessPolicy.Effect.ALLOW
+        self.uses_capabilities = False
+
+    def current(self) -> "_PolicyCache":
+        if time.monotonic() - self._loaded_at > POLICY_CACHE_SECONDS:
+            self.reload()
+        return self
+
+    def reload(self) -> None:
+        rules = tuple(
+            Rule(p.effect, p.subject_kind, p.subject, p.action, p.target, p.priority)
+            for p in AccessPolicy.objects.filter(enabled=True).order_by("-priority")
+        )
+        settings_row = PolicySettings.objects.first()
+        with self._lock:
+            self.rules = rules
+            self.default_effect = (
+                settings_row.default_effect if settings_row else AccessPolicy.Effect.ALLOW
+            )
+            self.uses_capabilities = any(
+                r.subject_kind == AccessPolicy.SubjectKind.CAPABILITY for r in rules
+            )
+            self._loaded_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        self._loaded_at = float("-inf")
+
+
+policies = _PolicyCache()
+
+
+def policies_changed() -> None:
+    """Drop this process's cached policies; other processes refresh within the cache window."""
+    transaction.on_commit(policies.invalidate)
+
+
+def _subject_matches(rule: Rule, agent: Agent, capabilities: frozenset[str]) -> bool:
+    if rule.subject_kind == AccessPolicy.SubjectKind.ALL:
+        return True
+    if rule.subject_kind == AccessPolicy.SubjectKind.AGENT:
+        return rule.subject == agent.agent_id
+    return rule.subject in capabilities
+
+
+def access_allowed(*, agent: Agent, action: str, target: str) -> bool:
+    """Decide by the highest-priority matching policy (deny wins ties), else the default."""
+    state = policies.current()
+    if not state.rules:
+        return state.default_effect == AccessPolicy.Effect.ALLOW
+    capabilities = frozenset()
+    if state.uses_capabilities:
+        capabilities = frozenset(
+            Capability.objects.filter(agent=agent).values_list("name", flat=True)
+        )
+    decision = None
+    decided_priority = None
+    for rule in state.rules:  # ordered by priority, highest first
+        if decided_priority is not None and rule.priority < decided_priority:
+            break
+        if rule.action != action or not rule.matches_target(target):
+            continue
+        if not _subject_matches(rule, agent, capabilities):
+            continue
+        decided_priority = rule.priority
+        if rule.effect == AccessPolicy.Effect.DENY:
+            return False
+        decision = True
+    if decision is not None:
+        return decision
+    return state.default_effect == AccessPolicy.Effect.ALLOW
+
+
+def access_check(*, agent: Agent, action: str, target: str, source: str = "") -> None:
+    """Raise Forbidden, and audit the refusal, unless the agent may do this."""
+    if access_allowed(agent=agent, action=action, target=target):
+        return
+    audit_record(
+        actor=agent,
+        action=action,
+        target=target,
+        outcome=AuditEvent.Outcome.REFUSED,
+        source=source,
+    )
+    raise Forbidden(f"Not allowed to {action} {target!r}.")
+
+
+def audit_record(
+    *,
+    actor=None,
+    action: str,
+    target: str = "",
+    outcome: str = AuditEvent.Outcome.OK,
+    source: str = "",
+    detail: dict | None = None,
+) -> AuditEvent | None:
+    """Append to the audit log; an audit failure is logged and never breaks the action."""
+    if actor is None:
+        actor_type, actor_name = AuditEvent.ActorType.SYSTEM, ""
+    elif isinstance(actor, Agent):
+        actor_type, actor_name = AuditEvent.ActorType.AGENT, actor.agent_id
+    elif isinstance(actor, str):
+        actor_type, actor_name = AuditEvent.ActorType.ANONYMOUS, actor
+    else:
+        actor_type, actor_name = AuditEvent.ActorType.OPERATOR, actor.get_username()
+    try:
+        return AuditEvent.objects.create(
+            actor_type=actor_type,
+            actor=actor_name[:150],
+            action=action[:64],
+            target=str(target)[:200],
+            outcome=outcome,
+            source=(source or "")[:64],
+            detail=detail or {},
+        )
+    except Exception:
+        logger.exception("could not write audit event", extra={"action": action})
+        return None
