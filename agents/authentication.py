@@ -1,6 +1,8 @@
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 
+from security.services import request_source
+
 from . import services
 
 
@@ -10,6 +12,7 @@ class HubJWTAuthentication(BaseAuthentication):
     keyword = b"bearer"
 
     def authenticate(self, request):
+        request_source.set(request.META.get("REMOTE_ADDR", ""))
         parts = get_authorization_header(request).split()
         if not parts or parts[0].lower() != self.keyword:
             return None

@@ -16,6 +16,8 @@ from django.utils import timezone
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
+from security.services import audit_record
+
 from . import live
 from .errors import Forbidden, HubError  # noqa: F401  (re-exported for callers)
 from .models import (
@@ -46,6 +48,13 @@ class EnrollmentRefused(HubError):
     status = 403
 
 
+class EnrollmentKeyInvalid(EnrollmentRefused):
+    """No such key: the caller has not authenticated at all (a known but spent key is a 403)."""
+
+    code = "enrollment_key_invalid"
+    status = 401
+
+
 class AgentIdTaken(HubError):
     code = "agent_id_taken"
     status = 409
@@ -74,7 +83,7 @@ def enrollment_key_consume(*, raw: str) -> EnrollmentKey:
     """Spend one use of a key; call inside the registration transaction so a failure refunds it."""
     key = EnrollmentKey.objects.filter(key_digest=digest(raw)).first()
     if key is None:
-        raise EnrollmentRefused("Unknown enrollment key.", code="enrollment_key_invalid")
+        raise EnrollmentKeyInvalid("Unknown enrollment key.")
     # A conditional update, so two registrations racing for the last use cannot both win.
     spent = EnrollmentKey.objects.usable().filter(pk=key.pk).update(uses=F("uses") + 1)
     if not spent:
@@ -84,7 +93,8 @@ def enrollment_key_consume(*, raw: str) -> EnrollmentKey:
     return key
 
 
-def enrollment_key_revoke(*, key: EnrollmentKey) -> None:
+def enrollment_key_revoke(*, key: EnrollmentKey, actor=None) -> None:
+    audit_record(actor=actor, action="enrollment_key_revoked", target=key.prefix)
     EnrollmentKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
 
 
@@ -104,8 +114,24 @@ def _set_capabilities(agent: Agent, capabilities: list[dict]) -> None:
     )
 
 
+def agent_register(**fields) -> tuple[Agent, str]:
+    """Register an agent and return it with its raw secret (shown once, stored as a digest)."""
+    try:
+        return _agent_register(**fields)
+    except (EnrollmentRefused, AgentIdTaken) as exc:
+        # Audited here, outside the rolled-back transaction, so the refusal is kept.
+        audit_record(
+            actor=fields.get("actor") or "anonymous",
+            action="agent_registration_refused",
+            target=fields.get("agent_id", ""),
+            outcome="refused",
+            detail={"code": exc.code},
+        )
+        raise
+
+
 @transaction.atomic
-def agent_register(
+def _agent_register(
     *,
     agent_id: str,
     name: str = "",
@@ -113,8 +139,8 @@ def agent_register(
     capabilities: list[dict] = (),
     metadata: dict | None = None,
     enrollment_key: str | None = None,
+    actor=None,
 ) -> tuple[Agent, str]:
-    """Register an agent and return it with its raw secret (shown once, stored as a digest)."""
     if agent_id in RESERVED_AGENT_IDS:
         raise AgentIdTaken(f"agent_id {agent_id!r} is reserved.")
     key = enrollment_key_consume(raw=enrollment_key) if enrollment_key is not None else None
@@ -132,6 +158,12 @@ def agent_register(
     except IntegrityError:
         raise AgentIdTaken(f"agent_id {agent_id!r} is already registered.") from None
     _set_capabilities(agent, list(capabilities))
+    audit_record(
+        actor=actor or (f"enrollment key {key.prefix}" if key else None),
+        action="agent_registered",
+        target=agent_id,
+        detail={"enrollment_key": key.prefix} if key else {},
+    )
     logger.info("agent registered", extra={"agent_id": agent_id})
     return agent, raw_secret
 
@@ -149,7 +181,8 @@ def agent_update(*, agent: Agent, **changes) -> Agent:
     return agent
 
 
-def _agent_set_state(agent: Agent, state: str, close_code: int) -> None:
+def _agent_set_state(agent: Agent, state: str, close_code: int, actor) -> None:
+    audit_record(actor=actor or agent, action=f"agent_{state}", target=agent.agent_id)
     with transaction.atomic():
         Agent.objects.filter(pk=agent.pk).update(state=state, updated_at=timezone.now())
         agent.state = state
@@ -157,24 +190,26 @@ def _agent_set_state(agent: Agent, state: str, close_code: int) -> None:
         connections_close(agent=agent, code=close_code)
 
 
-def agent_deregister(*, agent: Agent) -> None:
+def agent_deregister(*, agent: Agent, actor=None) -> None:
     """Retire an agent: tokens revoked, sockets closed everywhere; its history stays."""
-    _agent_set_state(agent, Agent.State.DEREGISTERED, CLOSE_AGENT_DISABLED)
+    _agent_set_state(agent, Agent.State.DEREGISTERED, CLOSE_AGENT_DISABLED, actor)
     logger.info("agent deregistered", extra={"agent_id": agent.agent_id})
 
 
-def agent_disable(*, agent: Agent) -> None:
-    _agent_set_state(agent, Agent.State.DISABLED, CLOSE_AGENT_DISABLED)
+def agent_disable(*, agent: Agent, actor=None) -> None:
+    _agent_set_state(agent, Agent.State.DISABLED, CLOSE_AGENT_DISABLED, actor)
     logger.info("agent disabled", extra={"agent_id": agent.agent_id})
 
 
-def agent_enable(*, agent: Agent) -> None:
+def agent_enable(*, agent: Agent, actor=None) -> None:
+    audit_record(actor=actor, action="agent_enabled", target=agent.agent_id)
     Agent.objects.filter(pk=agent.pk, state=Agent.State.DISABLED).update(state=Agent.State.ACTIVE)
     agent.refresh_from_db(fields=["state"])
 
 
-def agent_rotate_secret(*, agent: Agent) -> str:
+def agent_rotate_secret(*, agent: Agent, actor=None) -> str:
     """Give the agent a new secret and revoke every token issued under the old one."""
+    audit_record(actor=actor, action="agent_secret_rotated", target=agent.agent_id)
     with transaction.atomic():
         raw = agent.set_secret()
         agent.save(update_fields=["secret_digest", "updated_at"])
@@ -204,13 +239,14 @@ def agent_authenticate(*, agent_id: str, secret: str) -> Agent:
         # Compare anyway, so timing does not reveal which agent ids exist.
         digests_match(secret, "0" * 64)
     if agent is None or not agent.check_secret(secret):
+        audit_record(actor=agent_id[:64], action="token_refused", target=agent_id[:64], outcome="refused")
         raise TokenRejected("Invalid agent_id or agent_secret.", code="invalid_credentials")
     if not agent.is_active:
         raise TokenRejected(f"Agent is {agent.state}.", code=f"agent_{agent.state}")
     return agent
 
 
-def tokens_issue(*, agent: Agent) -> dict:
+def tokens_issue(*, agent: Agent, action: str = "token_issued") -> dict:
     """Issue an access/refresh pair for an agent and record both token ids."""
     refresh = RefreshToken()
     refresh["agent_id"] = agent.agent_id
@@ -226,6 +262,12 @@ def tokens_issue(*, agent: Agent) -> dict:
             )
             for token in (refresh, access)
         ]
+    )
+    audit_record(
+        actor=agent,
+        action=action,
+        target=agent.agent_id,
+        detail={"access_jti": access["jti"][:8], "refresh_jti": refresh["jti"][:8]},
     )
     return {"access": str(access), "refresh": str(refresh)}
 
@@ -248,7 +290,7 @@ def tokens_refresh(*, raw_refresh: str) -> dict:
         agent = Agent.objects.get(agent_id=refresh["agent_id"])
         if not agent.is_active:
             raise TokenRejected(f"Agent is {agent.state}.", code=f"agent_{agent.state}")
-        return tokens_issue(agent=agent)
+        return tokens_issue(agent=agent, action="token_refreshed")
 
 
 def _operator_tokens_refresh(raw_refresh: str) -> dict:
@@ -310,14 +352,19 @@ def principal_from_access_token(raw: str) -> Principal:
     return Principal(agent=None, user=user, token_expires_at=expires_at)
 
 
-def token_revoke(*, token: IssuedToken) -> None:
+def token_revoke(*, token: IssuedToken, actor=None) -> None:
+    audit_record(
+        actor=actor, action="token_revoked", target=f"{token.token_type} {token.jti[:8]}"
+    )
     IssuedToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     if token.token_type == IssuedToken.Type.ACCESS:
         # A revoked access token may be holding sockets open: those sessions end now.
         connections_close(agent=token.agent, code=CLOSE_NOT_AUTHENTICATED, token_jti=token.jti)
 
 
-def agent_tokens_revoke(*, agent: Agent) -> int:
+def agent_tokens_revoke(*, agent: Agent, actor=None) -> int:
+    if actor is not None:
+        audit_record(actor=actor, action="tokens_revoked", target=agent.agent_id)
     return IssuedToken.objects.filter(agent=agent, revoked_at__isnull=True).update(
         revoked_at=timezone.now()
     )
@@ -364,12 +411,24 @@ def connection_closed(*, connection: Connection, code: int | None) -> None:
 
 
 def connections_close(
-    *, agent: Agent | None = None, connections=None, code: int, token_jti: str | None = None
+    *,
+    agent: Agent | None = None,
+    connections=None,
+    code: int,
+    token_jti: str | None = None,
+    actor=None,
 ) -> int:
     """Ask every process holding these sockets to close them, once the caller's change commits."""
     if connections is None:
         connections = Connection.objects.open().filter(agent=agent)
     targets = [(c.channel_name, c.agent_id) for c in connections]
+    if actor is not None:
+        audit_record(
+            actor=actor,
+            action="connections_closed",
+            target=agent.agent_id if agent else f"{len(targets)} connection(s)",
+            detail={"code": code},
+        )
     if agent is not None and token_jti is None:
         # The agent group reaches sockets even if their Connection row is not committed yet.
         transaction.on_commit(lambda: live.close_agent_sockets(agent.pk, code))

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.shortcuts import render
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -11,7 +12,15 @@ api = [
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]
 
+
+
+def home(request):
+    scheme = "wss" if request.is_secure() else "ws"
+    return render(request, "home.html", {"ws_url": f"{scheme}://{request.get_host()}/ws/agent/"})
+
+
 urlpatterns = [
+    path("", home, name="home"),
     path("api/v1/", include(api)),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from agents import services as agent_services
 from agents.live import agent_group
+from security.services import request_source
 
 from . import protocol, services
 from .models import Mailbox, Message
@@ -74,6 +75,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         self._last_touch = 0.0
         self._last_group_join = 0.0
         self.hub = settings.HUB
+        client = self.scope.get("client") or ("", 0)
+        request_source.set(str(client[0] or ""))
         if not origin_allowed(self.scope):
             await self.close()
             return

@@ -18,6 +18,8 @@ from django.utils import timezone
 
 from agents.models import Agent, Connection
 from agents.services import HubError
+from security.models import AccessPolicy
+from security.services import access_check, audit_record
 
 from . import live, protocol
 from .models import Delivery, Mailbox, Message, Subscription
@@ -133,6 +135,15 @@ def _recipients(*, sender: Agent, kind: str, to: str | None, topic: str | None) 
     )
 
 
+def _authorize_send(*, sender: Agent, kind: str, to: str | None, topic: str | None) -> None:
+    if kind == Message.Kind.BROADCAST:
+        access_check(agent=sender, action=AccessPolicy.Action.BROADCAST, target="*")
+    elif kind == Message.Kind.TOPIC:
+        access_check(agent=sender, action=AccessPolicy.Action.PUBLISH, target=topic)
+    else:
+        access_check(agent=sender, action=AccessPolicy.Action.SEND, target=to)
+
+
 def message_send(
     *,
     sender: Agent,
@@ -149,6 +160,7 @@ def message_send(
     """
     if client_id is not None and (duplicate := _duplicate_of(sender, client_id)):
         return duplicate
+    _authorize_send(sender=sender, kind=kind, to=to, topic=topic)
     recipient_ids = _recipients(sender=sender, kind=kind, to=to, topic=topic)
     now = timezone.now()
     expires_at = now + timedelta(seconds=ttl) if ttl else None
@@ -332,6 +344,7 @@ def message_for(*, agent: Agent, message_id) -> Message:
 
 
 def topic_subscribe(*, agent: Agent, topic: str) -> bool:
+    access_check(agent=agent, action=AccessPolicy.Action.SUBSCRIBE, target=topic)
     _, created = Subscription.objects.get_or_create(agent=agent, topic=topic)
     return created
 
@@ -382,9 +395,10 @@ def deliveries_expire() -> int:
     )
 
 
-def dead_letters_redeliver(*, deliveries) -> int:
+def dead_letters_redeliver(*, deliveries, actor=None) -> int:
     """Give dead letters a fresh set of attempts and nudge their recipients (operator action)."""
     ids = [d.pk for d in deliveries]
+    audit_record(actor=actor, action="dead_letters_redelivered", target=f"{len(ids)} deliveries")
     changed = Delivery.objects.filter(pk__in=ids, status=Delivery.Status.DEAD).update(
         status=Delivery.Status.QUEUED, attempts=0, delivered_at=None
     )
@@ -393,7 +407,10 @@ def dead_letters_redeliver(*, deliveries) -> int:
     return changed
 
 
-def dead_letters_purge(*, deliveries) -> int:
+def dead_letters_purge(*, deliveries, actor=None) -> int:
+    audit_record(
+        actor=actor, action="dead_letters_purged", target=f"{len(deliveries)} deliveries"
+    )
     deleted, _ = Delivery.objects.filter(
         pk__in=[d.pk for d in deliveries], status=Delivery.Status.DEAD
     ).delete()

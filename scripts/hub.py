@@ -235,7 +235,8 @@ def command_test(pytest_args: list[str]) -> int:
         port=embedded_redis.free_port(), data_dir=redis_dir, persistent=False
     )
     try:
-        env = child_env(REDIS_URL=redis_url)
+        # Tests open connections from many threads; pooled ones would keep the test database busy.
+        env = child_env(REDIS_URL=redis_url, DATABASE_CONN_MAX_AGE="0")
         pytest = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT, env=env)
         # Not SIGINT: pytest already has the terminal's, and a second one cuts its teardown short.
         code = wait_forwarding(pytest, {signal.SIGTERM})

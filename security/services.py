@@ -7,6 +7,7 @@ Forbidden (403 / `forbidden`) and is written to the audit log.
 import logging
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -17,6 +18,10 @@ from agents.models import Agent, Capability
 from .models import AccessPolicy, AuditEvent, PolicySettings
 
 logger = logging.getLogger(__name__)
+
+# The client address of the request or socket being served; set by each transport on entry and
+# carried into database threads by asgiref, so services can audit without threading it through.
+request_source: ContextVar[str] = ContextVar("request_source", default="")
 
 # Policies change rarely and are read on every send: each process keeps them this long (seconds).
 POLICY_CACHE_SECONDS = 2.0
@@ -131,7 +136,7 @@ def access_check(*, agent: Agent, action: str, target: str, source: str = "") ->
         action=action,
         target=target,
         outcome=AuditEvent.Outcome.REFUSED,
-        source=source,
+        source=source or request_source.get(),
     )
     raise Forbidden(f"Not allowed to {action} {target!r}.")
 
@@ -161,7 +166,7 @@ def audit_record(
             action=action[:64],
             target=str(target)[:200],
             outcome=outcome,
-            source=(source or "")[:64],
+            source=(source or request_source.get())[:64],
             detail=detail or {},
         )
     except Exception:
