@@ -29,6 +29,20 @@ class Credentials:
         return [(b"authorization", f"Bearer {self.access}".encode())]
 
 
+@pytest.fixture(autouse=True)
+def fresh_throttles():
+    """Start every test with empty throttle counters (they live in the default cache)."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Hash operator passwords cheaply: PBKDF2's deliberate cost is ~0.5 s per user created."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def make_agent(db):
     def make(agent_id: str, capabilities=(), **fields) -> Credentials:

@@ -14,8 +14,12 @@ def agent_group(agent_pk: int) -> str:
 
 
 def _send(coro_factory) -> None:
+    async def run():
+        # async_to_sync wants a coroutine function, not a lambda that returns a coroutine.
+        await coro_factory()
+
     try:
-        async_to_sync(coro_factory)()
+        async_to_sync(run)()
     except Exception:
         # Closing is best effort: a socket we cannot reach is reaped by the liveness sweep, and
         # its revoked token is refused on its next frame.

@@ -25,3 +25,17 @@ class IsAgentOrOperator(BasePermission):
 
     def has_permission(self, request, view):
         return request_agent(request) is not None or is_operator(request)
+
+
+def operator_may(request, perm: str) -> bool:
+    """Operators use the REST API under the same Django model permissions as in the admin."""
+    return is_operator(request) and request.user.has_perm(perm)
+
+
+class CanReadRegistry(BasePermission):
+    """Agents discover each other; operators need the agents.view_agent permission."""
+
+    message = "This call is for agents and operators with permission to view agents."
+
+    def has_permission(self, request, view):
+        return request_agent(request) is not None or operator_may(request, "agents.view_agent")

@@ -21,6 +21,13 @@ class CapabilitySerializer(serializers.ModelSerializer):
         model = Capability
         fields = ["name", "version", "description"]
 
+    def validate(self, attrs):
+        # A PATCH makes the whole serializer tree partial, which would let a capability without
+        # a name through; the list is always replaced whole, so each item needs its name.
+        if "name" not in attrs:
+            raise serializers.ValidationError({"name": ["This field is required."]})
+        return attrs
+
 
 def validate_capability_list(value):
     if len(value) > MAX_CAPABILITIES:
@@ -69,9 +76,10 @@ class AgentRegisterSerializer(AgentWriteSerializer):
     agent_id = serializers.RegexField(
         AGENT_ID_PATTERN,
         max_length=64,
+        # No braces in this message: DRF formats it with str.format when the value is not a string.
         error_messages={
-            "invalid": "agent_id must match ^[a-z0-9][a-z0-9._-]{0,63}$ (lowercase letters, "
-            "digits, '.', '_', '-')."
+            "invalid": "agent_id must be 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit."
         },
     )
     capabilities = CapabilitySerializer(many=True, required=False, default=list)
@@ -97,11 +105,19 @@ class TokenObtainSerializer(serializers.Serializer):
     password = serializers.CharField(required=False, max_length=200, trim_whitespace=False)
 
     def validate(self, attrs):
-        if attrs.get("agent_id") and attrs.get("agent_secret"):
-            return attrs
-        if attrs.get("username") and attrs.get("password"):
-            return attrs
-        raise serializers.ValidationError("Send agent_id and agent_secret.")
+        pairs = (("agent_id", "agent_secret"), ("username", "password"))
+        for first, second in pairs:
+            if attrs.get(first) or attrs.get(second):
+                # Half a pair: name the half that is missing.
+                missing = [name for name in (first, second) if not attrs.get(name)]
+                if missing:
+                    raise serializers.ValidationError(
+                        {name: ["This field is required."] for name in missing}
+                    )
+                return attrs
+        raise serializers.ValidationError(
+            {name: ["This field is required."] for name in ("agent_id", "agent_secret")}
+        )
 
 
 class TokenPairSerializer(serializers.Serializer):

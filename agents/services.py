@@ -184,7 +184,15 @@ def agent_update(*, agent: Agent, **changes) -> Agent:
 def _agent_set_state(agent: Agent, state: str, close_code: int, actor) -> None:
     audit_record(actor=actor or agent, action=f"agent_{state}", target=agent.agent_id)
     with transaction.atomic():
-        Agent.objects.filter(pk=agent.pk).update(state=state, updated_at=timezone.now())
+        # Deregistration is final: a retired agent is never disabled, or enabled, again.
+        changed = (
+            Agent.objects.filter(pk=agent.pk)
+            .exclude(state=Agent.State.DEREGISTERED)
+            .update(state=state, updated_at=timezone.now())
+        )
+        if not changed:
+            agent.refresh_from_db(fields=["state"])
+            return
         agent.state = state
         agent_tokens_revoke(agent=agent)
         connections_close(agent=agent, code=close_code)
@@ -338,10 +346,12 @@ def principal_from_access_token(raw: str) -> Principal:
         )
         if issued is None or issued.agent.agent_id != token["agent_id"]:
             raise TokenRejected("Token is not recognised.", code="token_not_valid")
-        if issued.revoked_at is not None:
-            raise TokenRejected("Token is revoked.", code="token_revoked")
+        # The agent's state comes first: disabling revokes its tokens too, and the client should
+        # hear why (agent_disabled, WebSocket close 4403) rather than a bare "revoked" (4401).
         if not issued.agent.is_active:
             raise TokenRejected(f"Agent is {issued.agent.state}.", code=f"agent_{issued.agent.state}")
+        if issued.revoked_at is not None:
+            raise TokenRejected("Token is revoked.", code="token_revoked")
         return Principal(
             agent=issued.agent, user=None, token_expires_at=expires_at, token_jti=issued.jti
         )
@@ -429,11 +439,15 @@ def connections_close(
             target=agent.agent_id if agent else f"{len(targets)} connection(s)",
             detail={"code": code},
         )
-    if agent is not None and token_jti is None:
-        # The agent group reaches sockets even if their Connection row is not committed yet.
-        transaction.on_commit(lambda: live.close_agent_sockets(agent.pk, code))
-    else:
-        transaction.on_commit(lambda: live.close_channels(targets, code, token_jti=token_jti))
+    def close_after_commit():
+        if agent is not None and token_jti is None:
+            # The agent group reaches sockets even if their Connection row is not committed yet.
+            live.close_agent_sockets(agent.pk, code)
+        # Each socket's own channel reaches it even when Redis has lost the group (restarted
+        # without its data); a socket that gets both closes once.
+        live.close_channels(targets, code, token_jti=token_jti)
+
+    transaction.on_commit(close_after_commit)
     return len(targets)
 
 

@@ -1,16 +1,18 @@
 from django.contrib.auth import authenticate
 from django.db.models import Prefetch, Q
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import exceptions, status
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from ops.schema import errors
+
 from . import services
 from .models import Agent, Capability
-from .permissions import IsAgent, IsAgentOrOperator, is_operator, request_agent
+from .permissions import CanReadRegistry, IsAgent, is_operator, operator_may, request_agent
 from .serializers import (
     AgentProfileSerializer,
     AgentRegisteredSerializer,
@@ -21,11 +23,34 @@ from .serializers import (
     TokenPairSerializer,
     TokenRefreshSerializer,
 )
+from .throttles import RegisterThrottle, TokenThrottle
+
+
+def _query_int(request, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+    raw = request.query_params.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise exceptions.ValidationError({name: ["Must be an integer."]}) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise exceptions.ValidationError({name: [f"Must be {bounds}."]})
+    return value
 
 
 class DiscoveryPagination(LimitOffsetPagination):
+    """Limit/offset pages; a bad limit or offset is a 400 naming it, not silently replaced."""
+
     default_limit = 50
     max_limit = 500
+
+    def get_limit(self, request):
+        return _query_int(request, self.limit_query_param, self.default_limit, 1, self.max_limit)
+
+    def get_offset(self, request):
+        return _query_int(request, self.offset_query_param, 0, 0)
 
     def get_paginated_response(self, data):
         return Response(
@@ -49,18 +74,31 @@ def profiles():
 class AgentListView(APIView):
     """Register an agent (enrollment key or operator token) or discover agents."""
 
+    throttle_classes = [RegisterThrottle]
+
     def get_permissions(self):
         if self.request.method == "POST":
             return [AllowAny()]
-        return [IsAgentOrOperator()]
+        return [CanReadRegistry()]
 
     @extend_schema(
         parameters=[
             OpenApiParameter("capability", str, many=True, description="All must match."),
             OpenApiParameter("status", str, enum=["online", "offline"]),
             OpenApiParameter("search", str),
+            OpenApiParameter("limit", int, description="Page size, 1-500 (default 50)."),
+            OpenApiParameter("offset", int),
         ],
-        responses=AgentProfileSerializer(many=True),
+        operation_id="agents_list",
+        responses=inline_serializer(
+            "AgentPage",
+            {
+                "count": serializers.IntegerField(),
+                "next": serializers.URLField(allow_null=True),
+                "previous": serializers.URLField(allow_null=True),
+                "results": AgentProfileSerializer(many=True),
+            },
+        ),
     )
     def get(self, request):
         queryset = profiles().active()
@@ -88,19 +126,31 @@ class AgentListView(APIView):
 
     @extend_schema(
         request=AgentRegisterSerializer,
-        responses={201: AgentRegisteredSerializer},
+        responses={
+            201: AgentRegisteredSerializer,
+            **errors({401: "No enrollment key or operator token, or an unknown key."}),
+            **errors({403: "Key spent, expired or revoked; or a token that may not register."}),
+            **errors({409: "agent_id taken."}),
+        },
         parameters=[OpenApiParameter("X-Enrollment-Key", str, OpenApiParameter.HEADER)],
     )
     def post(self, request):
         key = request.headers.get("X-Enrollment-Key")
-        if key is None and not is_operator(request):
+        by_operator = operator_may(request, "agents.add_agent")
+        if key is None and not by_operator:
+            if is_operator(request):
+                raise exceptions.PermissionDenied("Registering agents needs agents.add_agent.")
             if request.auth is not None:
-                raise exceptions.PermissionDenied("Only operators may register agents with a token.")
+                raise exceptions.PermissionDenied(
+                    "Only operators may register agents with a token."
+                )
             raise exceptions.NotAuthenticated("Send X-Enrollment-Key or an operator's token.")
         serializer = AgentRegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         agent, secret = services.agent_register(
-            **serializer.validated_data, enrollment_key=None if is_operator(request) else key
+            **serializer.validated_data,
+            enrollment_key=None if by_operator else key,
+            actor=request.user if by_operator else None,
         )
         tokens = services.tokens_issue(agent=agent)
         body = AgentProfileSerializer(profiles().get(pk=agent.pk)).data
@@ -110,7 +160,7 @@ class AgentListView(APIView):
 
 
 class AgentDetailView(APIView):
-    permission_classes = [IsAgentOrOperator]
+    permission_classes = [CanReadRegistry]
 
     @extend_schema(responses=AgentProfileSerializer)
     def get(self, request, agent_id):
@@ -154,6 +204,7 @@ class HeartbeatView(APIView):
 class TokenObtainView(APIView):
     authentication_classes = []
     permission_classes = [AllowAny]
+    throttle_classes = [TokenThrottle]
 
     @extend_schema(request=TokenObtainSerializer, responses=TokenPairSerializer)
     def post(self, request):
@@ -174,6 +225,7 @@ class TokenObtainView(APIView):
 class TokenRefreshView(APIView):
     authentication_classes = []
     permission_classes = [AllowAny]
+    throttle_classes = [TokenThrottle]
 
     @extend_schema(request=TokenRefreshSerializer, responses=TokenPairSerializer)
     def post(self, request):

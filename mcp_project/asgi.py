@@ -11,6 +11,10 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from messaging.routing import websocket_urlpatterns  # noqa: E402
+from ops import shutdown  # noqa: E402
+
+# Under daphne: on SIGTERM close every agent socket with 1012 before exiting (ops/shutdown.py).
+shutdown.install()
 
 application = ProtocolTypeRouter(
     {

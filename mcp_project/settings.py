@@ -7,6 +7,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from mcp_project import logging as hub_logging
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("HUB_VAR_DIR", BASE_DIR / "var"))
 
@@ -72,17 +74,28 @@ INSTALLED_APPS = [
     "channels",
     "agents",
     "messaging",
+    "contexts",
     "security",
+    "axes",
+    "django_prometheus",
+    "ops",
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "ops.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Serves collected static files (the admin's) from the process itself, so a container needs
+    # no web server beside it.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "mcp_project.urls"
@@ -108,7 +121,12 @@ TEMPLATES = [
 # SQLite (WAL, immediate transactions) is the embedded default; DATABASE_URL selects PostgreSQL.
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+    DATABASES = {"default": dj_database_url.parse(
+            DATABASE_URL,
+            # Bounded so long-lived consumers cannot pile up idle connections (PITFALLS P10).
+            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+            conn_health_checks=True,
+        )}
 else:
     DATABASES = {
         "default": {
@@ -124,6 +142,10 @@ else:
             "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(VAR_DIR / "test-hub.sqlite3"))},
         }
     }
+# The same backends wrapped by django-prometheus, which counts queries, errors and latency.
+DATABASES["default"]["ENGINE"] = DATABASES["default"]["ENGINE"].replace(
+    "django.db.backends.", "django_prometheus.db.backends.", 1
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channel layer, Celery broker, presence ----------------------------------------------
@@ -136,7 +158,17 @@ elif CHANNEL_LAYER_BACKEND == "redis":
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        # redis-py 8 reads with a 5 s socket timeout by default, the same as
+                        # channels-redis' blocking BZPOPMIN, so an idle receive raised
+                        # TimeoutError and closed the socket with 1011 (redis-py#4091,
+                        # channels_redis#422). The read timeout must outlast the pop.
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                    }
+                ],
                 "prefix": env_str("HUB_CHANNEL_PREFIX", "hub"),
                 # Bursts to one slow agent must not overflow its channel (PITFALLS P2); the
                 # database still holds every message if they do.
@@ -177,17 +209,67 @@ HUB = {
     "SWEEP_INTERVAL": env_int("HUB_SWEEP_INTERVAL", 15, minimum=1),
     # Name of this server process, recorded on each connection it holds.
     "SERVER_NAME": env_str("HUB_SERVER_NAME", ""),
+    # WebSocket frames per second per agent (token bucket, per server process) and its burst.
+    "WS_RATE": env_int("HUB_WS_RATE", 500, minimum=1),
+    "WS_BURST": env_int("HUB_WS_BURST", 1000, minimum=1),
+    # Refused frames in a row after which the socket is closed with 4429.
+    "WS_ABUSE_LIMIT": env_int("HUB_WS_ABUSE_LIMIT", 200, minimum=1),
+    # Open sockets one agent may hold at once (close 4409 past it).
+    "MAX_CONNECTIONS_PER_AGENT": env_int("HUB_MAX_CONNECTIONS_PER_AGENT", 20, minimum=1),
+    # On SIGTERM, seconds to wait for sockets closed with 1012 to finish before exiting.
+    "SHUTDOWN_GRACE_SECONDS": env_int("HUB_SHUTDOWN_GRACE_SECONDS", 10, minimum=0),
+    # Shared context (contexts/): seconds an entry lives after each write unless it asks otherwise.
+    "CONTEXT_DEFAULT_TTL": env_int("HUB_CONTEXT_DEFAULT_TTL", 3600, minimum=1),
+    # Longest ttl_seconds allowed; ttl_seconds null means this maximum. 0: no maximum, and null
+    # then means the entry never expires.
+    "CONTEXT_MAX_TTL": env_int("HUB_CONTEXT_MAX_TTL", 30 * 86400, minimum=0),
+    # Versions of an entry kept readable at contexts/{id}/versions/, the current one included.
+    "CONTEXT_HISTORY": env_int("HUB_CONTEXT_HISTORY", 10, minimum=1),
+    "CONTEXT_MAX_WATCHES": env_int("HUB_CONTEXT_MAX_WATCHES", 20, minimum=1),
+    "CONTEXT_PURGE_BATCH": env_int("HUB_CONTEXT_PURGE_BATCH", 1000, minimum=1),
+    "CONTEXT_PURGE_INTERVAL": env_int("HUB_CONTEXT_PURGE_INTERVAL", 60, minimum=1),
+    # GET contexts/ counts matches exactly up to this many; beyond it, count_exact is false.
+    "CONTEXT_COUNT_CAP": env_int("HUB_CONTEXT_COUNT_CAP", 10000, minimum=1),
 }
+if HUB["CONTEXT_MAX_TTL"] and HUB["CONTEXT_DEFAULT_TTL"] > HUB["CONTEXT_MAX_TTL"]:
+    raise ImproperlyConfigured("HUB_CONTEXT_DEFAULT_TTL must not exceed HUB_CONTEXT_MAX_TTL")
 DATA_UPLOAD_MAX_MEMORY_SIZE = HUB["MAX_FRAME_BYTES"]
+
+# Throttle counters. One process needs nothing more than memory; several processes share Redis.
+CACHE_URL = env_str("HUB_CACHE_URL", "")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+        if CACHE_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
+# Admin login throttling: lock a username+address pair after repeated failures.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("HUB_ADMIN_LOGIN_FAILURES", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("HUB_ADMIN_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 # --- REST and tokens --------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["agents.authentication.HubJWTAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # orjson-based: bounded nesting, no lone surrogates or NUL characters (agents/parsers.py).
+    "DEFAULT_PARSER_CLASSES": ["agents.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "ops.schema.HubAutoSchema",
     "EXCEPTION_HANDLER": "agents.api.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {
+        "register": env_str("HUB_THROTTLE_REGISTER", "60/min"),
+        "token": env_str("HUB_THROTTLE_TOKEN", "120/min"),
+        "send": env_str("HUB_THROTTLE_SEND", "6000/min"),
+    },
     "UNAUTHENTICATED_USER": None,
 }
 
@@ -216,6 +298,9 @@ SPECTACULAR_SETTINGS = {
 # --- Static files, i18n -----------------------------------------------------------------------
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Production images collect static files at build time; elsewhere WhiteNoise looks them up per
+# request instead of expecting a collected STATIC_ROOT.
+WHITENOISE_AUTOREFRESH = not HUB_PRODUCTION
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -223,15 +308,12 @@ USE_TZ = True
 
 LOGIN_URL = "admin:login"
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("HUB_LOG_LEVEL", "INFO")},
-    "loggers": {
-        # Over-capacity drops are recoverable (the database holds the message) but worth a warning.
-        "channels_redis": {"level": "WARNING"},
-        "django.db.backends": {"level": "WARNING"},
-    },
-}
+# --- Operations ---------------------------------------------------------------------------------
+# /metrics answers addresses in these networks, or a request with `Authorization: Bearer <token>`;
+# with neither set it is open (a system check warns about that in production).
+METRICS_ALLOWED_IPS = env_list("HUB_METRICS_ALLOWED_IPS", [])
+METRICS_TOKEN = env_str("HUB_METRICS_TOKEN", "")
+
+# JSON lines in production, readable lines in development (mcp_project/logging.py).
+LOG_FORMAT = env_str("HUB_LOG_FORMAT", "console" if DEBUG else "json")
+LOGGING = hub_logging.config(level=env_str("HUB_LOG_LEVEL", "INFO"), fmt=LOG_FORMAT)

@@ -5,30 +5,40 @@ every failure becomes an `error` frame so one bad frame never ends the connectio
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
 from agents import services as agent_services
 from agents.live import agent_group
+from contexts.consumers import ContextWatchMixin
+from ops import telemetry
+from security.ratelimit import TokenBucket
 from security.services import request_source
 
 from . import protocol, services
-from .models import Mailbox, Message
+from .models import Message
 
 logger = logging.getLogger(__name__)
 
 # Deliveries written to the socket are recorded in batches this often (seconds).
 DELIVERED_FLUSH_DELAY = 0.05
 REPLAY_PAGE = 500
+# The database cannot be reached: the client should come back later (RFC 6455 "Try Again Later").
+CLOSE_TRY_AGAIN_LATER = 1013
+# Database failures a retry can cure: lost connections, lock timeouts, a server restarting. Other
+# DatabaseErrors (bad SQL, constraint bugs) are internal errors, not "unavailable".
+TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 
 def server_name() -> str:
@@ -62,8 +72,12 @@ def origin_allowed(scope) -> bool:
     return origin in settings.HUB["ALLOWED_ORIGINS"]
 
 
-class AgentConsumer(AsyncJsonWebsocketConsumer):
+class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
+    # Frame budgets per agent, shared by that agent's sockets on this server process.
+    _buckets: dict[int, TokenBucket] = {}
+
     async def connect(self):
+        self._refused_in_a_row = 0
         self.agent = None
         self.connection = None
         self.token_jti = None
@@ -71,7 +85,11 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         self.pending_requests: dict[str, tuple[str | None, asyncio.TimerHandle]] = {}
         self._delivered: list[int] = []
         self._flush_task = None
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: set[asyncio.Task] = set()
+        # Frames with a seq are written by one coroutine at a time (channel-layer handlers and the
+        # delivered flush's catch-up), so a client sees each recipient's seq strictly increase.
+        self._push_lock = asyncio.Lock()
         self._last_touch = 0.0
         self._last_group_join = 0.0
         self.hub = settings.HUB
@@ -81,6 +99,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             await self.close()
             return
         await self.accept()
+        telemetry.socket_opened(self)
         token = bearer_token(self.scope)
         if token is not None:
             await self._authenticate(token, ref=None)
@@ -90,20 +109,40 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     # --- Session lifecycle --------------------------------------------------------------------
 
     def _later(self, delay: float, coroutine_function, *args) -> asyncio.TimerHandle:
+        """Run a coroutine after a delay unless the socket ends first (disconnect cancels it)."""
         loop = asyncio.get_running_loop()
-        handle = loop.call_later(delay, lambda: asyncio.ensure_future(coroutine_function(*args)))
-        self._timers.append(handle)
+
+        def fire():
+            self._timers.discard(handle)
+            task = asyncio.ensure_future(self._guarded(coroutine_function(*args)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
         return handle
+
+    def _cancel(self, handle: asyncio.TimerHandle) -> None:
+        handle.cancel()
+        self._timers.discard(handle)
+
+    async def _guarded(self, coroutine):
+        """Await work that runs outside any handler, logging what it raises (nobody else would)."""
+        try:
+            await coroutine
+        except Exception:
+            logger.exception("background task of a socket failed")
 
     async def _auth_timed_out(self):
         if self.agent is None:
             await self._close(protocol.CLOSE_AUTH_TIMEOUT, "authentication timed out")
 
-    async def _close(self, code: int, detail: str):
-        try:
-            await self.send_json(protocol.error_frame(protocol.NOT_AUTHENTICATED, detail))
-        except Exception:  # the socket may already be gone
-            pass
+    async def _close(self, code: int, detail: str, *, ref=None, error_code=None):
+        if error_code is None:
+            forbidden = code == protocol.CLOSE_FORBIDDEN
+            error_code = protocol.FORBIDDEN if forbidden else protocol.NOT_AUTHENTICATED
+        with contextlib.suppress(Exception):  # the socket may already be gone
+            await self.send_json(protocol.error_frame(error_code, detail, ref=ref))
         await self.close(code)
 
     async def _authenticate(self, token: str, *, ref):
@@ -112,23 +151,66 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 token
             )
         except agent_services.TokenRejected as exc:
-            code = protocol.CLOSE_FORBIDDEN if exc.code.startswith("agent_") else protocol.CLOSE_NOT_AUTHENTICATED
-            await self.send_json(protocol.error_frame(protocol.NOT_AUTHENTICATED, exc.detail, ref=ref))
-            await self.close(code)
+            # A disabled or deregistered agent may not connect at all (4403); anything else about
+            # the token is "authenticate again" (4401).
+            forbidden = exc.code.startswith("agent_")
+            await self._close(
+                protocol.CLOSE_FORBIDDEN if forbidden else protocol.CLOSE_NOT_AUTHENTICATED,
+                exc.detail,
+                ref=ref,
+            )
+            return
+        except TRANSIENT_DATABASE_ERRORS:
+            await self._close_unavailable(ref)
             return
         if principal.agent is None:
-            await self._close(protocol.CLOSE_FORBIDDEN, "operators cannot connect as agents")
+            await self._close(
+                protocol.CLOSE_FORBIDDEN, "operators cannot connect as agents", ref=ref
+            )
             return
         self.agent = principal.agent
         self.token_jti = principal.token_jti
+        if await database_sync_to_async(self._over_connection_limit)():
+            await self._close(
+                protocol.CLOSE_CONNECTION_LIMIT,
+                f"at most {self.hub['MAX_CONNECTIONS_PER_AGENT']} open connections per agent",
+                ref=ref,
+                error_code=protocol.FORBIDDEN,
+            )
+            self.agent = None
+            return
         expires_in = (principal.token_expires_at - timezone.now()).total_seconds()
         self._later(max(expires_in, 0), self._close, protocol.CLOSE_NOT_AUTHENTICATED, "token expired")
-        self.groups.append(agent_group(self.agent.pk))
-        await self.channel_layer.group_add(agent_group(self.agent.pk), self.channel_name)
-        self._last_group_join = time.monotonic()
-        welcome, frames = await self._open_session()
-        await self.send_json(welcome)
-        await self._push(frames)
+        try:
+            self.groups.append(agent_group(self.agent.pk))
+            await self.channel_layer.group_add(agent_group(self.agent.pk), self.channel_name)
+            self._last_group_join = time.monotonic()
+            welcome, frames = await self._open_session()
+        except Exception:
+            # Without the database or the layer this socket could neither deliver nor be closed by
+            # the hub; the client reconnects later and gets everything from the database then.
+            logger.exception("could not open a session")
+            await self._close_unavailable(ref)
+            return
+        telemetry.session_opened(self)
+        async with self._push_lock:
+            await self.send_json(welcome)
+            await self._push(frames)
+            if len(frames) == REPLAY_PAGE:
+                # The backlog is longer than one page: the rest follows, still oldest first.
+                await self._replay(after_seq=frames[-1]["seq"])
+
+    async def _close_unavailable(self, ref):
+        await self._close(
+            CLOSE_TRY_AGAIN_LATER,
+            "the hub cannot reach its storage; reconnect later",
+            ref=ref,
+            error_code=protocol.UNAVAILABLE,
+        )
+
+    def _over_connection_limit(self) -> bool:
+        open_count = self.agent.connections.open().count()
+        return open_count >= self.hub["MAX_CONNECTIONS_PER_AGENT"]
 
     @database_sync_to_async
     def _open_session(self):
@@ -141,10 +223,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             user_agent=_header(self.scope, b"user-agent") or "",
         )
         self._last_touch = time.monotonic()
-        # Read the counter before the backlog: anything committed after it shows up in either.
-        self.pushed_seq = (
-            Mailbox.objects.filter(agent=self.agent).values_list("last_seq", flat=True).first() or 0
-        )
+        # Settle the counter after the connection row is visible and before reading the backlog:
+        # a send in flight now is in the backlog; a later one sees this socket and nudges it. So
+        # every seq up to here arrives with the backlog, and every later one by a nudge.
+        self.pushed_seq = services.mailbox_last_seq(recipient=self.agent, settle=True)
         pending = services.pending_count(recipient=self.agent)
         frames = services.pending_frames(recipient=self.agent, limit=REPLAY_PAGE)
         welcome = protocol.welcome_frame(
@@ -159,13 +241,22 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     async def disconnect(self, code):
         for handle in self._timers:
             handle.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()  # a timer that fired just now must not write to a closed socket
         for _ref, handle in self.pending_requests.values():
             handle.cancel()
+        self.pending_requests.clear()
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            self._flush_task = None
         if self.connection is not None:
-            await self._flush_delivered()
+            async with self._push_lock:
+                await self._flush_delivered()
             await database_sync_to_async(agent_services.connection_closed)(
                 connection=self.connection, code=code
             )
+        telemetry.socket_closed(self, code)  # last: a graceful shutdown waits for this
 
     # --- Frames in ------------------------------------------------------------------------------
 
@@ -179,16 +270,22 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 max_payload_bytes=self.hub["MAX_PAYLOAD_BYTES"],
             )
             ref = frame["ref"]
+            telemetry.frame_in(frame["type"])
             if self.agent is None:
                 await self._receive_unauthenticated(frame)
+                return
+            if not await self._admit(ref):
                 return
             await self._seen()
             await getattr(self, "frame_" + frame["type"])(frame)
         except protocol.ProtocolError as exc:
             await self.send_json(exc.frame())
         except agent_services.HubError as exc:
-            await self.send_json(protocol.error_frame(exc.code, exc.detail, ref=ref))
-        except DatabaseError:
+            extra = getattr(exc, "extra", None) or {}
+            await self.send_json(protocol.error_frame(exc.code, exc.detail, ref=ref, **extra))
+        except TRANSIENT_DATABASE_ERRORS:
+            # Nothing was accepted: the send's transaction rolled back, so a retry is safe (and
+            # with an "id" it is deduplicated if the commit did happen after all).
             logger.exception("database unavailable while handling a frame")
             await self.send_json(
                 protocol.error_frame(
@@ -198,6 +295,36 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         except Exception:
             logger.exception("frame handler failed", extra={"agent_id": getattr(self.agent, "agent_id", None)})
             await self.send_json(protocol.error_frame(protocol.INTERNAL, "internal error", ref=ref))
+
+    async def _admit(self, ref) -> bool:
+        """Spend a token from the agent's bucket; refuse the frame, or end the socket on abuse."""
+        bucket = self._buckets.get(self.agent.pk)
+        if bucket is None:
+            bucket = self._buckets[self.agent.pk] = TokenBucket(
+                rate=self.hub["WS_RATE"], burst=self.hub["WS_BURST"]
+            )
+        allowed, retry_after = bucket.take()
+        if allowed:
+            self._refused_in_a_row = 0
+            return True
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row >= self.hub["WS_ABUSE_LIMIT"]:
+            await self._close(
+                protocol.CLOSE_RATE_LIMIT,
+                "rate limit abused",
+                ref=ref,
+                error_code=protocol.RATE_LIMITED,
+            )
+            return False
+        await self.send_json(
+            protocol.error_frame(
+                protocol.RATE_LIMITED,
+                "too many frames; slow down",
+                ref=ref,
+                retry_after=round(retry_after, 3),
+            )
+        )
+        return False
 
     async def _receive_unauthenticated(self, frame):
         if frame["type"] != "auth":
@@ -267,6 +394,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             {**frame, "ttl": timeout}, kind=Message.Kind.REQUEST, to=recipient
         )
         message_id = str(accepted.message_id)
+        previous = self.pending_requests.pop(message_id, None)
+        if previous is not None:
+            self._cancel(previous[1])  # a repeated request id: one timer per request
         handle = self._later(timeout, self._request_timed_out, message_id)
         self.pending_requests[message_id] = (frame["ref"], handle)
 
@@ -294,30 +424,74 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     # --- Events from the channel layer --------------------------------------------------------
 
+    async def dispatch(self, message):
+        """Handle one event; a failing channel-layer handler is logged and the socket lives on.
+
+        Channels closes the socket on any exception from a handler (PITFALLS P5). For client
+        frames `receive` already answers errors; for hub events there is nobody to answer, and
+        whatever the event was about is in the database.
+        """
+        if message.get("type", "").startswith("websocket."):
+            await super().dispatch(message)
+            return
+        try:
+            await super().dispatch(message)
+        except Exception:
+            logger.exception(
+                "channel layer event failed", extra={"event_type": str(message.get("type"))[:100]}
+            )
+
     async def hub_deliver(self, event):
-        for frame in event["frames"]:
-            seq = frame["seq"]
-            if seq <= self.pushed_seq:
-                continue  # already sent by a replay
-            if seq != self.pushed_seq + 1:
-                # A nudge was lost or overtaken: the database has the rows in order.
-                await self._replay()
-                continue
-            await self.send_json(frame)
-            self.pushed_seq = seq
-            self._delivered.append(seq)
+        async with self._push_lock:
+            for frame in event["frames"]:
+                seq = frame["seq"]
+                if seq <= self.pushed_seq:
+                    continue  # already sent by a replay
+                if seq != self.pushed_seq + 1:
+                    # A nudge was lost or overtaken: the database has the rows in order.
+                    await self._catch_up()
+                    continue
+                await self.send_json(frame)
+                self.pushed_seq = seq
+                self._delivered.append(seq)
         self._schedule_flush()
 
     async def hub_replay(self, event):
-        """Send every due unacknowledged message again (the redelivery sweep asked)."""
-        await self._replay(after_seq=0)
+        """Send queued and due unacknowledged messages again (the redelivery sweep asked)."""
+        if self.agent is None:
+            return
+        # The sweep reaches this socket through its own channel; re-join the agent's group too,
+        # which a Redis restarted without its data has forgotten, so live nudges arrive again.
+        await self.channel_layer.group_add(agent_group(self.agent.pk), self.channel_name)
+        self._last_group_join = time.monotonic()
+        if event.get("delivered_before") is not None:
+            cutoff = datetime.fromtimestamp(float(event["delivered_before"]), tz=UTC)
+        else:
+            cutoff = timezone.now() - timedelta(seconds=self.hub["REDELIVERY_DELAY"])
+        async with self._push_lock:
+            await self._replay(after_seq=0, delivered_before=cutoff)
 
-    async def _replay(self, after_seq: int | None = None):
+    async def _catch_up(self):
+        """Push whatever the database holds beyond this socket's last seq (hold the push lock).
+
+        Every seq up to the mailbox counter is committed once the counter shows it (a send holds
+        the mailbox row until it commits), so after the replay the socket has seen all of them.
+        """
+        last_seq = await database_sync_to_async(services.mailbox_last_seq)(recipient=self.agent)
+        if last_seq > self.pushed_seq:
+            await self._replay(after_seq=self.pushed_seq)
+            self.pushed_seq = max(self.pushed_seq, last_seq)
+
+    async def _replay(self, *, after_seq: int, delivered_before=None):
+        """Push pending rows after a seq in pages, oldest first (hold the push lock)."""
         await self._flush_delivered()
-        cursor = self.pushed_seq if after_seq is None else after_seq
+        cursor = after_seq
         while True:
             frames = await database_sync_to_async(services.pending_frames)(
-                recipient=self.agent, after_seq=cursor, limit=REPLAY_PAGE
+                recipient=self.agent,
+                after_seq=cursor,
+                limit=REPLAY_PAGE,
+                delivered_before=delivered_before,
             )
             await self._push(frames)
             if len(frames) < REPLAY_PAGE:
@@ -334,7 +508,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         if pending is None:
             return  # another socket of this agent asked, or the request timed out
         ref, handle = pending
-        handle.cancel()
+        self._cancel(handle)
         await self.send_json(
             protocol.response_frame(
                 ref=ref, in_reply_to=event["in_reply_to"], sender=event["from"], payload=event["payload"]
@@ -345,7 +519,11 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         jti = event.get("token_jti")
         if jti is not None and jti != self.token_jti:
             return
-        await self._close(event["code"], "connection closed by the hub")
+        code = event["code"]
+        if code in (1000, 1001):
+            await self.close(code)  # an ordinary end (operator disconnect, liveness sweep)
+            return
+        await self._close(code, "connection closed by the hub")
 
     # --- Delivered bookkeeping ------------------------------------------------------------------
 
@@ -354,9 +532,18 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             self._flush_task = asyncio.ensure_future(self._flush_after_delay())
 
     async def _flush_after_delay(self):
-        await asyncio.sleep(DELIVERED_FLUSH_DELAY)
-        self._flush_task = None
-        await self._flush_delivered()
+        try:
+            await asyncio.sleep(DELIVERED_FLUSH_DELAY)
+            async with self._push_lock:
+                self._flush_task = None
+                await self._flush_delivered()
+                # A burst beyond the layer's capacity loses its newest nudges, and no later nudge
+                # shows the gap: once the burst is written, ask the mailbox what else there is.
+                await self._catch_up()
+        except TRANSIENT_DATABASE_ERRORS:
+            logger.warning("could not catch up from the database", exc_info=True)
+        except Exception:
+            logger.exception("delivered flush failed")
 
     async def _flush_delivered(self):
         if not self._delivered:
@@ -374,5 +561,6 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     @classmethod
     async def encode_json(cls, content):
+        telemetry.frame_out(content)
         return orjson.dumps(content).decode()
 

@@ -43,7 +43,7 @@ class Message(models.Model):
         ]
 
     def __str__(self):
-        return f"{self.kind} {self.id} from {self.sender_id}"
+        return f"{self.kind} {self.id} from {self.sender.agent_id}"
 
 
 class DeliveryQuerySet(models.QuerySet):

@@ -194,9 +194,32 @@ def register_frame_type(name: str, validator) -> None:
     VALIDATORS[name] = validator
 
 
+def nul_path(value) -> tuple | None:
+    """Return where the first NUL character sits in parsed JSON (keys included), or None."""
+    # Iterative, so no nesting that orjson accepts can exhaust the stack.
+    stack = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    return (*path, key)
+                stack.append(((*path, key), child))
+        elif isinstance(item, list):
+            stack.extend(((*path, index), child) for index, child in enumerate(item))
+    return None
+
+
 def parse_frame(raw: str | bytes, *, max_frame_bytes: int, max_payload_bytes: int) -> dict:
     """Parse and validate one client frame; raise ProtocolError naming what is wrong."""
-    if len(raw) > max_frame_bytes:
+    # Limits are in bytes: a text frame of multi-byte characters is up to four times its length.
+    # "surrogatepass" sizes a str holding lone surrogates instead of raising; orjson then refuses
+    # it as invalid JSON.
+    size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+    if size > max_frame_bytes:
         raise ProtocolError(PAYLOAD_TOO_LARGE, f"frame is larger than {max_frame_bytes} bytes")
     try:
         frame = orjson.loads(raw)
@@ -213,13 +236,26 @@ def parse_frame(raw: str | bytes, *, max_frame_bytes: int, max_payload_bytes: in
     validator = VALIDATORS.get(kind)
     if validator is None:
         raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type {kind[:40]!r}", ref=ref)
+    # PostgreSQL cannot store NUL in text or JSON. In valid JSON a NUL can only arrive escaped,
+    # so nearly every frame skips the walk.
+    if (b"\\u0000" if isinstance(raw, bytes) else "\\u0000") in raw:
+        path = nul_path(frame)
+        if path is not None:
+            field = str(path[0])
+            where = ".".join(str(part) for part in path)
+            problem = f"text cannot contain NUL (\\u0000) characters (at {where})"
+            raise _invalid(field, problem, None if field == "ref" else ref)
     fields = validator(frame, ref)
     # A payload can only exceed the limit if the whole frame does.
-    if "payload" in fields and len(raw) > max_payload_bytes:
-        if len(orjson.dumps(fields["payload"])) > max_payload_bytes:
-            raise ProtocolError(
-                PAYLOAD_TOO_LARGE, f"payload is larger than {max_payload_bytes} bytes", ref=ref
-            )
+    too_large = (
+        "payload" in fields
+        and size > max_payload_bytes
+        and len(orjson.dumps(fields["payload"])) > max_payload_bytes
+    )
+    if too_large:
+        raise ProtocolError(
+            PAYLOAD_TOO_LARGE, f"payload is larger than {max_payload_bytes} bytes", ref=ref
+        )
     fields["type"] = kind
     fields["ref"] = ref
     return fields

@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers
 
 from . import protocol
@@ -9,7 +10,8 @@ class SendSerializer(serializers.Serializer):
     to = serializers.RegexField(protocol.AGENT_ID_RE.pattern, required=False, max_length=64)
     topic = serializers.RegexField(protocol.TOPIC_RE.pattern, required=False, max_length=100)
     broadcast = serializers.BooleanField(required=False, default=False)
-    payload = serializers.JSONField()
+    # Any JSON value is a payload, null included (the WebSocket accepts it too).
+    payload = serializers.JSONField(allow_null=True)
     id = serializers.CharField(required=False, max_length=protocol.MAX_CLIENT_ID)
     ttl = serializers.IntegerField(required=False, min_value=1, max_value=protocol.MAX_TTL)
 
@@ -52,10 +54,19 @@ class AckSerializer(serializers.Serializer):
 
 class DeliveryStateSerializer(serializers.ModelSerializer):
     recipient = serializers.CharField(source="recipient.agent_id")
+    status = serializers.SerializerMethodField()
 
     class Meta:
         model = Delivery
         fields = ["recipient", "seq", "status", "attempts", "delivered_at", "acked_at"]
+
+    def get_status(self, delivery) -> str:
+        # The expiry sweep runs periodically; a pending row past its deadline is already expired
+        # (it is never sent again), so say so instead of showing a stale "queued".
+        expired = delivery.expires_at is not None and delivery.expires_at <= timezone.now()
+        if delivery.status in Delivery.PENDING and expired:
+            return Delivery.Status.EXPIRED
+        return delivery.status
 
 
 class MessageDetailSerializer(serializers.ModelSerializer):

@@ -13,11 +13,12 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Exists, F, JSONField, OuterRef, Q, Value
 from django.utils import timezone
 
 from agents.models import Agent, Connection
 from agents.services import HubError
+from ops import telemetry
 from security.models import AccessPolicy
 from security.services import access_check, audit_record
 
@@ -45,6 +46,12 @@ class NotFound(HubError):
     status = 404
 
 
+class ReplyRefused(HubError):
+    """A reply that names no request this agent received; the frame's in_reply_to is wrong."""
+
+    code = protocol.INVALID_FRAME
+
+
 @dataclass(frozen=True)
 class Accepted:
     message_id: uuid.UUID
@@ -60,6 +67,11 @@ class Accepted:
             "recipients": self.recipients,
             "duplicate": self.duplicate,
         }
+
+
+def _stored_json(payload):
+    """Return what to save in a JSONField: Django writes a bare None as SQL NULL, not JSON null."""
+    return Value(None, JSONField()) if payload is None else payload
 
 
 def _chunks(items, size=CHUNK):
@@ -105,6 +117,8 @@ def _connected(recipient_ids) -> set[int]:
         connected.update(
             Connection.objects.open()
             .filter(agent_id__in=chunk)
+            # Without order_by() the model's ordering column joins the DISTINCT.
+            .order_by()
             .values_list("agent_id", flat=True)
             .distinct()
         )
@@ -115,8 +129,11 @@ def _duplicate_of(sender: Agent, client_id: str) -> Accepted | None:
     message = Message.objects.filter(sender=sender, client_id=client_id).first()
     if message is None:
         return None
-    statuses = set(message.deliveries.values_list("status", flat=True))
-    status = "queued" if Delivery.Status.QUEUED in statuses else "delivered"
+    # "delivered" only if every recipient got it; an expired or dead-lettered one never did.
+    undelivered = message.deliveries.exclude(
+        status__in=(Delivery.Status.DELIVERED, Delivery.Status.ACKED)
+    ).exists()
+    status = "queued" if undelivered else "delivered"
     return Accepted(message.id, status, message.recipient_count, duplicate=True)
 
 
@@ -168,7 +185,7 @@ def message_send(
         sender=sender,
         kind=kind,
         topic=topic or "",
-        payload=payload,
+        payload=_stored_json(payload),
         client_id=client_id,
         recipient_count=len(recipient_ids),
         created_at=now,
@@ -210,6 +227,7 @@ def message_send(
             return duplicate
         raise
     status = "delivered" if len(connected) == len(recipient_ids) else "queued"
+    telemetry.message_accepted(message_id=message.id, kind=kind, recipients=len(recipient_ids))
     return Accepted(message.id, status, len(recipient_ids), False, tuple(recipient_ids))
 
 
@@ -217,10 +235,16 @@ def request_recipient(*, requester: Agent, to: str | None, capability: str | Non
     """Choose who answers a request: the named agent, or one online holder of the capability."""
     if to is not None:
         return to
+    # Exists(), not a join on connections__closed_at__isnull: that join also matches agents that
+    # have no connection row at all, i.e. holders that never came online.
     holders = list(
         Agent.objects.active()
         .exclude(pk=requester.pk)
-        .filter(capabilities__name=capability, connections__closed_at__isnull=True)
+        .filter(
+            Exists(Connection.objects.open().filter(agent=OuterRef("pk"))),
+            capabilities__name=capability,
+        )
+        .order_by()
         .values_list("agent_id", flat=True)
         .distinct()
     )
@@ -238,13 +262,15 @@ def reply_send(*, replier: Agent, in_reply_to: uuid.UUID, payload) -> Message:
         .first()
     )
     if request is None:
-        raise NotFound(f"No request {in_reply_to} was sent to you.")
+        raise ReplyRefused(
+            f"in_reply_to: no request {in_reply_to} was sent to you.", field="in_reply_to"
+        )
     now = timezone.now()
     with transaction.atomic():
         reply = Message.objects.create(
             sender=replier,
             kind=Message.Kind.REPLY,
-            payload=payload,
+            payload=_stored_json(payload),
             in_reply_to=request.pk,
             created_at=now,
         )
@@ -288,13 +314,27 @@ def deliveries_mark_delivered(*, recipient_id: int, seqs: list[int]) -> int:
     return changed
 
 
-def pending_frames(*, recipient: Agent, after_seq: int = 0, limit: int = 1000, mark=True) -> list:
-    """Return the recipient's unexpired, unacknowledged messages as frames, oldest first."""
+def pending_frames(
+    *,
+    recipient: Agent,
+    after_seq: int = 0,
+    limit: int = 1000,
+    mark=True,
+    delivered_before=None,
+) -> list:
+    """Return the recipient's unexpired, unacknowledged messages as frames, oldest first.
+
+    With delivered_before, rows already written to a socket are included only if that happened
+    before then: the redelivery sweep resends what is due, not what was pushed a moment ago.
+    """
     now = timezone.now()
+    rows = Delivery.objects.pending().filter(recipient=recipient, seq__gt=after_seq)
+    if delivered_before is not None:
+        rows = rows.filter(
+            Q(status=Delivery.Status.QUEUED) | Q(delivered_at__lt=delivered_before)
+        )
     rows = list(
-        Delivery.objects.pending()
-        .filter(recipient=recipient, seq__gt=after_seq)
-        .exclude(expires_at__lte=now)
+        rows.exclude(expires_at__lte=now)
         .select_related("message", "message__sender")
         .order_by("seq")[:limit]
     )
@@ -315,6 +355,29 @@ def pending_frames(*, recipient: Agent, after_seq: int = 0, limit: int = 1000, m
     if mark and rows:
         deliveries_mark_delivered(recipient_id=recipient.pk, seqs=[row.seq for row in rows])
     return frames
+
+
+def mailbox_last_seq(*, recipient: Agent, settle: bool = False) -> int:
+    """Return the highest sequence number given to the recipient so far (0 for none).
+
+    With settle=True, first wait for every send to the recipient that is still in flight: a send
+    holds the mailbox row locked until it commits, so once the lock is ours each of them has
+    either committed (and shows up in a backlog read after this) or has not yet checked which
+    recipients are connected (and will see the caller's connection and nudge it).
+    """
+    if not settle:
+        return (
+            Mailbox.objects.filter(agent=recipient).values_list("last_seq", flat=True).first()
+            or 0
+        )
+    with transaction.atomic():
+        Mailbox.objects.bulk_create([Mailbox(agent=recipient)], ignore_conflicts=True)
+        return (
+            Mailbox.objects.select_for_update()
+            .filter(agent=recipient)
+            .values_list("last_seq", flat=True)
+            .get()
+        )
 
 
 def pending_count(*, recipient: Agent) -> int:
@@ -382,7 +445,7 @@ def deliveries_redeliver_due() -> dict:
     )
     recipients = _connected(due | stuck)
     if recipients:
-        live.notify_replay(recipients)
+        live.notify_replay(recipients, delivered_before=cutoff)
     if dead:
         logger.warning("dead-lettered deliveries", extra={"count": dead})
     return {"dead": dead, "replayed_recipients": len(recipients)}
@@ -403,6 +466,7 @@ def dead_letters_redeliver(*, deliveries, actor=None) -> int:
         status=Delivery.Status.QUEUED, attempts=0, delivered_at=None
     )
     recipients = set(Delivery.objects.filter(pk__in=ids).values_list("recipient_id", flat=True))
+    # Queued rows are always replayed; the sockets apply their usual cutoff to the rest.
     transaction.on_commit(lambda: live.notify_replay(_connected(recipients)))
     return changed
 
@@ -418,10 +482,16 @@ def dead_letters_purge(*, deliveries, actor=None) -> int:
 
 
 def messages_purge_old() -> int:
-    """Delete settled messages past the retention period; pending ones are kept."""
+    """Delete settled messages past the retention period; pending ones are kept.
+
+    A delivery pending for a deregistered agent can never be delivered, so it does not keep its
+    message forever.
+    """
     cutoff = timezone.now() - timedelta(days=settings.HUB["MESSAGE_RETENTION_DAYS"])
-    old = Message.objects.filter(created_at__lt=cutoff).exclude(
-        deliveries__status__in=Delivery.PENDING
+    deliverable = Delivery.objects.pending().filter(
+        message=OuterRef("pk"),
+        recipient__state__in=(Agent.State.ACTIVE, Agent.State.DISABLED),
     )
+    old = Message.objects.filter(created_at__lt=cutoff).exclude(Exists(deliverable))
     deleted, _ = old.delete()
     return deleted

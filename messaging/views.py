@@ -6,6 +6,8 @@ from rest_framework.views import APIView
 
 from agents.api import PayloadTooLarge
 from agents.permissions import IsAgent, request_agent
+from agents.throttles import SendThrottle
+from ops.schema import errors
 
 from . import services
 from .models import Message
@@ -21,8 +23,12 @@ from .serializers import (
 
 class MessageSendView(APIView):
     permission_classes = [IsAgent]
+    throttle_classes = [SendThrottle]
 
-    @extend_schema(request=SendSerializer, responses={201: AcceptedSerializer})
+    @extend_schema(
+        request=SendSerializer,
+        responses={201: AcceptedSerializer, **errors({404: "No such recipient."})},
+    )
     def post(self, request):
         serializer = SendSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
