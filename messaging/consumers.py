@@ -180,7 +180,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             self.agent = None
             return
         expires_in = (principal.token_expires_at - timezone.now()).total_seconds()
-        self._later(max(expires_in, 0), self._close, protocol.CLOSE_NOT_AUTHENTICATED, "token expired")
+        self._later(
+            max(expires_in, 0), self._close, protocol.CLOSE_NOT_AUTHENTICATED, "token expired"
+        )
         try:
             self.groups.append(agent_group(self.agent.pk))
             await self.channel_layer.group_add(agent_group(self.agent.pk), self.channel_name)
@@ -293,7 +295,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
                 )
             )
         except Exception:
-            logger.exception("frame handler failed", extra={"agent_id": getattr(self.agent, "agent_id", None)})
+            logger.exception(
+                "frame handler failed", extra={"agent_id": getattr(self.agent, "agent_id", None)}
+            )
             await self.send_json(protocol.error_frame(protocol.INTERNAL, "internal error", ref=ref))
 
     async def _admit(self, ref) -> bool:
@@ -344,10 +348,14 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_add(agent_group(self.agent.pk), self.channel_name)
 
     async def frame_auth(self, frame):
-        raise protocol.ProtocolError(protocol.INVALID_FRAME, "type: already authenticated", ref=frame["ref"], field="type")
+        raise protocol.ProtocolError(
+            protocol.INVALID_FRAME, "type: already authenticated", ref=frame["ref"], field="type"
+        )
 
     async def frame_heartbeat(self, frame):
-        await self.send_json(protocol.heartbeat_ack_frame(ref=frame["ref"], server_time=timezone.now()))
+        await self.send_json(
+            protocol.heartbeat_ack_frame(ref=frame["ref"], server_time=timezone.now())
+        )
 
     async def _accept(self, frame, **kwargs):
         accepted = await database_sync_to_async(services.message_send)(
@@ -378,15 +386,19 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         await self._accept(frame, kind=Message.Kind.TOPIC, topic=frame["topic"])
 
     async def frame_subscribe(self, frame):
-        await database_sync_to_async(services.topic_subscribe)(agent=self.agent, topic=frame["topic"])
-        await self.send_json(protocol.topic_frame("subscribed", ref=frame["ref"], topic=frame["topic"]))
+        topic = frame["topic"]
+        await database_sync_to_async(services.topic_subscribe)(agent=self.agent, topic=topic)
+        await self.send_json(protocol.topic_frame("subscribed", ref=frame["ref"], topic=topic))
 
     async def frame_unsubscribe(self, frame):
-        await database_sync_to_async(services.topic_unsubscribe)(agent=self.agent, topic=frame["topic"])
-        await self.send_json(protocol.topic_frame("unsubscribed", ref=frame["ref"], topic=frame["topic"]))
+        topic = frame["topic"]
+        await database_sync_to_async(services.topic_unsubscribe)(agent=self.agent, topic=topic)
+        await self.send_json(protocol.topic_frame("unsubscribed", ref=frame["ref"], topic=topic))
 
     async def frame_request(self, frame):
-        timeout = min(frame["timeout"] or self.hub["REQUEST_TIMEOUT"], self.hub["MAX_REQUEST_TIMEOUT"])
+        timeout = min(
+            frame["timeout"] or self.hub["REQUEST_TIMEOUT"], self.hub["MAX_REQUEST_TIMEOUT"]
+        )
         recipient = await database_sync_to_async(services.request_recipient)(
             requester=self.agent, to=frame["to"], capability=frame["capability"]
         )
@@ -405,7 +417,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         if pending is not None:
             await self.send_json(
                 protocol.error_frame(
-                    protocol.TIMEOUT, f"no reply to request {message_id} in time", ref=pending[0],
+                    protocol.TIMEOUT,
+                    f"no reply to request {message_id} in time",
+                    ref=pending[0],
                     message_id=message_id,
                 )
             )
@@ -511,7 +525,10 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         self._cancel(handle)
         await self.send_json(
             protocol.response_frame(
-                ref=ref, in_reply_to=event["in_reply_to"], sender=event["from"], payload=event["payload"]
+                ref=ref,
+                in_reply_to=event["in_reply_to"],
+                sender=event["from"],
+                payload=event["payload"],
             )
         )
 
@@ -563,4 +580,3 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
     async def encode_json(cls, content):
         telemetry.frame_out(content)
         return orjson.dumps(content).decode()
-

@@ -330,9 +330,7 @@ def pending_frames(
     now = timezone.now()
     rows = Delivery.objects.pending().filter(recipient=recipient, seq__gt=after_seq)
     if delivered_before is not None:
-        rows = rows.filter(
-            Q(status=Delivery.Status.QUEUED) | Q(delivered_at__lt=delivered_before)
-        )
+        rows = rows.filter(Q(status=Delivery.Status.QUEUED) | Q(delivered_at__lt=delivered_before))
     rows = list(
         rows.exclude(expires_at__lte=now)
         .select_related("message", "message__sender")
@@ -367,8 +365,7 @@ def mailbox_last_seq(*, recipient: Agent, settle: bool = False) -> int:
     """
     if not settle:
         return (
-            Mailbox.objects.filter(agent=recipient).values_list("last_seq", flat=True).first()
-            or 0
+            Mailbox.objects.filter(agent=recipient).values_list("last_seq", flat=True).first() or 0
         )
     with transaction.atomic():
         Mailbox.objects.bulk_create([Mailbox(agent=recipient)], ignore_conflicts=True)
@@ -453,8 +450,10 @@ def deliveries_redeliver_due() -> dict:
 
 def deliveries_expire() -> int:
     """Expire pending deliveries whose message outlived its ttl."""
-    return Delivery.objects.pending().filter(expires_at__lte=timezone.now()).update(
-        status=Delivery.Status.EXPIRED
+    return (
+        Delivery.objects.pending()
+        .filter(expires_at__lte=timezone.now())
+        .update(status=Delivery.Status.EXPIRED)
     )
 
 
@@ -472,9 +471,7 @@ def dead_letters_redeliver(*, deliveries, actor=None) -> int:
 
 
 def dead_letters_purge(*, deliveries, actor=None) -> int:
-    audit_record(
-        actor=actor, action="dead_letters_purged", target=f"{len(deliveries)} deliveries"
-    )
+    audit_record(actor=actor, action="dead_letters_purged", target=f"{len(deliveries)} deliveries")
     deleted, _ = Delivery.objects.filter(
         pk__in=[d.pk for d in deliveries], status=Delivery.Status.DEAD
     ).delete()

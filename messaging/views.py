@@ -69,12 +69,15 @@ class AckView(APIView):
     permission_classes = [IsAgent]
 
     @extend_schema(
-        request=AckSerializer, responses=inline_serializer("Acked", {"acked": serializers.IntegerField()})
+        request=AckSerializer,
+        responses=inline_serializer("Acked", {"acked": serializers.IntegerField()}),
     )
     def post(self, request):
         serializer = AckSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        acked = services.deliveries_ack(recipient=request_agent(request), **serializer.validated_data)
+        acked = services.deliveries_ack(
+            recipient=request_agent(request), **serializer.validated_data
+        )
         return Response({"acked": acked})
 
 

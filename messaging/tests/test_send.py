@@ -280,7 +280,7 @@ def test_it_sends_a_direct_message_in_a_bounded_number_of_queries(
         services.message_send(sender=alice.agent, kind="direct", to="bob", payload=1)
 
 
-async def test_it_answers_accepted_before_the_recipient_reads(alice, bob):
+async def test_it_answers_delivered_when_the_recipient_is_connected(alice, bob):
     a, _ = await connect(alice)
     b, _ = await connect(bob)
     accepted = await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "x"})

@@ -1,8 +1,8 @@
 """Produce under faults, then account for every accepted message.
 
 Each test runs a hub of its own, breaks a part of it mid-run (a server killed with SIGKILL, a
-server frozen, Redis restarted) and then checks what the agents saw: no accepted message lost,
-none stored twice, every recipient's messages in order.
+server frozen, Redis restarted or emptied) and then checks what the agents saw: no accepted
+message lost, none stored twice, every recipient's messages in order.
 """
 
 import asyncio
@@ -28,9 +28,10 @@ async def wait_until(condition, *, timeout: float, interval: float = 0.02) -> No
         await asyncio.sleep(interval)
 
 
-def start_agents(
+def make_agents(
     hub, *, senders: int, receivers: int, total: int, sender_server: int, receiver_server: int, **kw
 ):
+    """Register senders and receivers and plan `total` messages between them, sent round-robin."""
     sender_creds = [hub.register(f"sender-{i}") for i in range(senders)]
     receiver_creds = [hub.register(f"receiver-{i}") for i in range(receivers)]
     plans = plan_round_robin(
@@ -74,7 +75,7 @@ async def test_no_accepted_message_is_lost_when_a_server_is_killed_mid_run(
 ):
     total = 3000
     hub = make_hub(servers=2, env=FAULT_ENV)
-    senders, receivers = start_agents(
+    senders, receivers = make_agents(
         hub, senders=3, receivers=3, total=total, sender_server=0, receiver_server=1, window=30
     )
     for receiver in receivers:
@@ -115,7 +116,7 @@ async def test_a_slow_reader_gets_a_burst_over_the_channel_capacity_in_order(mak
     hub = make_hub(
         servers=2, env={**FAULT_ENV, **FAST_SWEEPS, "HUB_CHANNEL_CAPACITY": "10"}, celery=True
     )
-    senders, receivers = start_agents(
+    senders, receivers = make_agents(
         hub, senders=3, receivers=1, total=burst, sender_server=0, receiver_server=1, window=30
     )
     [receiver] = receivers
@@ -154,7 +155,7 @@ async def test_a_slow_reader_gets_a_burst_over_the_channel_capacity_in_order(mak
 async def test_the_hub_recovers_from_a_redis_restart_and_loses_nothing(make_hub):
     total = 400
     hub = make_hub(servers=2, env={**FAULT_ENV, **FAST_SWEEPS}, celery=True)
-    senders, receivers = start_agents(
+    senders, receivers = make_agents(
         hub,
         senders=2,
         receivers=2,
