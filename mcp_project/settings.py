@@ -85,6 +85,8 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "ops.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # The client address of each request, for the audit log.
+    "security.middleware.RequestSourceMiddleware",
     # Serves collected static files (the admin's) from the process itself, so a container needs
     # no web server beside it.
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -139,6 +141,10 @@ else:
                 "timeout": 30,
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
+            # Reopening a SQLite file (and re-running the PRAGMAs) on every database call of a
+            # consumer costs more than the query itself; keep connections, like PostgreSQL does.
+            "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 600),
+            "CONN_HEALTH_CHECKS": True,
             "TEST": {"NAME": env_str("SQLITE_TEST_PATH", str(VAR_DIR / "test-hub.sqlite3"))},
         }
     }
