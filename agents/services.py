@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from django.contrib.auth import get_user_model
+from django.contrib.auth import authenticate, get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -75,6 +75,12 @@ def enrollment_key_create(
         max_uses=max_uses,
         expires_at=timezone.now() + timedelta(seconds=expires_in) if expires_in else None,
         created_by=created_by,
+    )
+    audit_record(
+        actor=created_by,
+        action="enrollment_key_created",
+        target=key.prefix,
+        detail={"label": label[:100], "max_uses": max_uses, "expires_in": expires_in},
     )
     return key, raw
 
@@ -250,6 +256,13 @@ def agent_authenticate(*, agent_id: str, secret: str) -> Agent:
         audit_record(actor=agent_id[:64], action="token_refused", target=agent_id[:64], outcome="refused")
         raise TokenRejected("Invalid agent_id or agent_secret.", code="invalid_credentials")
     if not agent.is_active:
+        audit_record(
+            actor=agent,
+            action="token_refused",
+            target=agent_id,
+            outcome="refused",
+            detail={"code": f"agent_{agent.state}"},
+        )
         raise TokenRejected(f"Agent is {agent.state}.", code=f"agent_{agent.state}")
     return agent
 
@@ -283,6 +296,23 @@ def tokens_issue(*, agent: Agent, action: str = "token_issued") -> dict:
 def tokens_refresh(*, raw_refresh: str) -> dict:
     """Rotate a refresh token: the old one is revoked and can never be used again."""
     try:
+        return _tokens_refresh(raw_refresh)
+    except TokenRejected as exc:
+        # Audited here, outside the rolled-back transaction. A revoked refresh token presented
+        # again may be a stolen copy of one its agent has already rotated.
+        agent_id = getattr(exc, "agent_id", "")
+        audit_record(
+            actor=agent_id or "anonymous",
+            action="token_refresh_refused",
+            target=agent_id,
+            outcome="refused",
+            detail={"code": exc.code, "reason": exc.detail[:100]},
+        )
+        raise
+
+
+def _tokens_refresh(raw_refresh: str) -> dict:
+    try:
         refresh = RefreshToken(raw_refresh)
     except TokenError as exc:
         raise TokenRejected(str(exc), code="token_not_valid") from None
@@ -294,10 +324,14 @@ def tokens_refresh(*, raw_refresh: str) -> dict:
             jti=refresh["jti"], token_type=IssuedToken.Type.REFRESH, revoked_at__isnull=True
         ).update(revoked_at=timezone.now())
         if not revoked:
-            raise TokenRejected("Token is revoked.", code="token_not_valid")
+            refused = TokenRejected("Token is revoked.", code="token_not_valid")
+            refused.agent_id = str(refresh["agent_id"])
+            raise refused
         agent = Agent.objects.get(agent_id=refresh["agent_id"])
         if not agent.is_active:
-            raise TokenRejected(f"Agent is {agent.state}.", code=f"agent_{agent.state}")
+            refused = TokenRejected(f"Agent is {agent.state}.", code=f"agent_{agent.state}")
+            refused.agent_id = agent.agent_id
+            raise refused
         return tokens_issue(agent=agent, action="token_refreshed")
 
 
@@ -312,9 +346,32 @@ def _operator_tokens_refresh(raw_refresh: str) -> dict:
     return serializer.validated_data
 
 
+def operator_authenticate(*, request, username: str, password: str):
+    """Return the staff user these credentials name, else audit the refusal and raise."""
+    # Through Django's backends, so django-axes counts failures and locks out guessing.
+    user = authenticate(request, username=username, password=password)
+    if user is None or not user.is_staff:
+        audit_record(
+            actor=username[:150] or "anonymous",
+            action="token_refused",
+            target=username[:150],
+            outcome="refused",
+            detail={"code": "invalid_credentials", "operator": True},
+        )
+        raise TokenRejected("Invalid username or password.", code="invalid_credentials")
+    return user
+
+
 def operator_tokens_issue(*, user) -> dict:
     refresh = RefreshToken.for_user(user)
-    return {"access": str(refresh.access_token), "refresh": str(refresh)}
+    access = refresh.access_token
+    audit_record(
+        actor=user,
+        action="token_issued",
+        target=user.get_username(),
+        detail={"access_jti": access["jti"][:8], "refresh_jti": refresh["jti"][:8]},
+    )
+    return {"access": str(access), "refresh": str(refresh)}
 
 
 @dataclass(frozen=True)
@@ -382,6 +439,8 @@ def agent_tokens_revoke(*, agent: Agent, actor=None) -> int:
 
 def tokens_purge_expired() -> int:
     deleted, _ = IssuedToken.objects.filter(expires_at__lt=timezone.now() - timedelta(days=1)).delete()
+    if deleted:
+        audit_record(action="expired_tokens_purged", target=f"{deleted} token(s)")
     return deleted
 
 
@@ -461,5 +520,10 @@ def connections_sweep() -> int:
         closed_at=now, close_code=1001
     )
     live.close_channels([(c.channel_name, c.agent_id) for c in stale], 1001)
+    audit_record(
+        action="connections_swept",
+        target=f"{len(stale)} connection(s)",
+        detail={"sessions": [str(c.session_id) for c in stale[:100]]},
+    )
     logger.info("swept stale connections", extra={"count": len(stale)})
     return len(stale)

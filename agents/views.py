@@ -1,5 +1,5 @@
-from django.contrib.auth import authenticate
 from django.db.models import Prefetch, Q
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import exceptions, serializers, status
@@ -101,6 +101,10 @@ class AgentListView(APIView):
         ),
     )
     def get(self, request):
+        for name in ("capability", "search"):
+            # PostgreSQL cannot compare text holding NUL: refuse it rather than fail with a 500.
+            if any("\x00" in value for value in request.query_params.getlist(name)):
+                raise exceptions.ValidationError({name: ["Null characters are not allowed."]})
         queryset = profiles().active()
         capabilities = request.query_params.getlist("capability")
         if capabilities:
@@ -164,6 +168,8 @@ class AgentDetailView(APIView):
 
     @extend_schema(responses=AgentProfileSerializer)
     def get(self, request, agent_id):
+        if "\x00" in agent_id:  # no agent has one, and PostgreSQL cannot compare it
+            raise Http404
         agent = get_object_or_404(profiles().active(), agent_id=agent_id)
         return Response(AgentProfileSerializer(agent).data)
 
@@ -216,9 +222,9 @@ class TokenObtainView(APIView):
                 agent_id=data["agent_id"], secret=data["agent_secret"]
             )
             return Response(services.tokens_issue(agent=agent))
-        user = authenticate(request, username=data["username"], password=data["password"])
-        if user is None or not user.is_staff:
-            raise services.TokenRejected("Invalid username or password.", code="invalid_credentials")
+        user = services.operator_authenticate(
+            request=request, username=data["username"], password=data["password"]
+        )
         return Response(services.operator_tokens_issue(user=user))
 
 

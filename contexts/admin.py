@@ -192,7 +192,9 @@ class ContextEntryAdmin(admin.ModelAdmin):
         return False
 
     def delete_model(self, request, obj):
-        services.contexts_delete_by_operator(entries=ContextEntry.objects.filter(pk=obj.pk))
+        services.contexts_delete_by_operator(
+            entries=ContextEntry.objects.filter(pk=obj.pk), actor=request.user
+        )
 
     def delete_queryset(self, request, queryset):
-        services.contexts_delete_by_operator(entries=queryset)
+        services.contexts_delete_by_operator(entries=queryset, actor=request.user)

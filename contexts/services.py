@@ -8,6 +8,7 @@ habit 8). Changes are announced on the channel layer after commit (contexts/live
 
 import base64
 import binascii
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from django.utils import timezone
 
 from agents.errors import HubError
 from agents.models import Agent
+from security.models import AccessPolicy
+from security.services import access_allowed, access_refused, audit_record
 
 from . import live
 from .models import ContextEntry, ContextTag, ContextVersion
@@ -51,6 +54,10 @@ class ContextNotFound(HubError):
 class ContextForbidden(HubError):
     code = "forbidden"
     status = 403
+
+    # What the audit log records about this refusal (access_refused's arguments), written by
+    # `_audits_refusals` once any transaction around the refusal has rolled back.
+    audit: dict | None = None
 
 
 class PreconditionRequired(HubError):
@@ -93,20 +100,72 @@ def _hub() -> dict:
 # --- Access -------------------------------------------------------------------------------------
 
 
+# The access policy action (security.models.AccessPolicy) that governs each kind of access; the
+# policy target is the context type.
+POLICY_ACTIONS = {
+    READ: AccessPolicy.Action.CONTEXT_READ,
+    WRITE: AccessPolicy.Action.CONTEXT_WRITE,
+}
+
+
 def context_access_check(*, agent: Agent | None, context_type: str, action: str) -> bool:
     """Decide whether an agent may read or write entries of a context type.
 
-    `agent` is None for an operator. Every read, query, write, delete and watch asks here, so
-    access policies are wired in this one place; today every agent may do everything.
+    `agent` is None for an operator, whom Django model permissions govern instead. Every read,
+    query, write, delete and watch asks here, so the operators' access policies (the same ones
+    that govern messaging, on every transport) apply in this one place.
     """
-    return True
+    if agent is None:
+        return True
+    return access_allowed(agent=agent, action=POLICY_ACTIONS[action], target=context_type)
 
 
-def _require(agent: Agent | None, context_type: str, action: str) -> None:
+def _require(agent: Agent | None, context_type: str, action: str, context_id=None) -> None:
     if not context_access_check(agent=agent, context_type=context_type, action=action):
-        raise ContextForbidden(f"You may not {action} {context_type} entries.")
+        refusal = ContextForbidden(f"You may not {action} {context_type} entries.")
+        refusal.audit = {
+            "agent": agent,
+            "action": POLICY_ACTIONS[action],
+            "target": context_type,
+            "detail": {"context_id": str(context_id)} if context_id is not None else None,
+        }
+        raise refusal
 
 
+def _refuse_not_owner(agent: Agent | None, entry: ContextEntry, detail: str) -> None:
+    refusal = ContextForbidden(detail)
+    if agent is not None:
+        # Another agent trying to change an entry it does not own is worth an operator's look.
+        refusal.audit = {
+            "agent": agent,
+            "action": POLICY_ACTIONS[WRITE],
+            "target": entry.context_type,
+            "detail": {"context_id": str(entry.pk), "reason": "not the owner"},
+        }
+    raise refusal
+
+
+def _audits_refusals(function):
+    """Record each refusal the function raises in the audit log, then let it propagate.
+
+    Refusals are often raised inside a transaction that their exception rolls back; the record is
+    written after that, so it is kept.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ContextForbidden as refusal:
+            if refusal.audit is not None:
+                audit, refusal.audit = refusal.audit, None  # once, however deep the nesting
+                access_refused(**audit)
+            raise
+
+    return wrapper
+
+
+@_audits_refusals
 def context_types_readable(*, agent: Agent | None, context_type: str | None = None) -> list[str]:
     """Return the context types the agent may read; a named type it may not read is refused."""
     if context_type is not None:
@@ -223,8 +282,8 @@ def _write(*, context_id, writer: Agent | None, expected_version, changes: dict)
         if entry is None:
             raise ContextNotFound("No such context entry (or it has expired).")
         if writer is None or entry.owner_id != writer.pk:
-            raise ContextForbidden("Only the owner may change an entry.")
-        _require(writer, entry.context_type, WRITE)
+            _refuse_not_owner(writer, entry, "Only the owner may change an entry.")
+        _require(writer, entry.context_type, WRITE, entry.pk)
         for name in ("context_type", "key"):
             if name in changes and changes[name] != getattr(entry, name):
                 raise ContextInvalid(
@@ -283,6 +342,7 @@ def _write(*, context_id, writer: Agent | None, expected_version, changes: dict)
     return entry
 
 
+@_audits_refusals
 def context_update(
     *, context_id, writer: Agent | None, expected_version, changes: dict
 ) -> ContextEntry:
@@ -302,6 +362,7 @@ def context_update(
     )
 
 
+@_audits_refusals
 def context_create(
     *,
     owner: Agent,
@@ -385,22 +446,29 @@ def _delete_announced(entries: list[ContextEntry], *, event: str) -> int:
     return deleted
 
 
+@_audits_refusals
 def context_delete(
     *,
     context_id,
     agent: Agent | None = None,
     operator: bool = False,
     expected_version: int | None = None,
+    actor=None,
 ) -> None:
-    """Delete an entry: its owner may, and so may an operator (agent None, operator True)."""
+    """Delete an entry: its owner may, and so may an operator (agent None, operator True).
+
+    `actor` is the operator's user, named in the audit log.
+    """
     with transaction.atomic():
         entry = ContextEntry.objects.live().select_related("owner").filter(pk=context_id).first()
         if entry is None:
             raise ContextNotFound("No such context entry (or it has expired).")
         if agent is not None:
             if entry.owner_id != agent.pk:
-                raise ContextForbidden("Only the owner (or an operator) may delete an entry.")
-            _require(agent, entry.context_type, WRITE)
+                _refuse_not_owner(
+                    agent, entry, "Only the owner (or an operator) may delete an entry."
+                )
+            _require(agent, entry.context_type, WRITE, entry.pk)
         elif not operator:
             raise ContextForbidden("Only the owner (or an operator) may delete an entry.")
         if expected_version is not None and entry.version != expected_version:
@@ -418,12 +486,28 @@ def context_delete(
             if current is None:
                 raise ContextNotFound("No such context entry (or it has expired).")
             raise VersionMismatch(current)
+        if agent is None:
+            audit_record(
+                actor=actor,
+                action="context_deleted",
+                target=str(entry.pk),
+                detail={"context_type": entry.context_type, "owner": entry.owner.agent_id},
+            )
         _announce_on_commit(changes)
 
 
-def contexts_delete_by_operator(*, entries) -> int:
+def contexts_delete_by_operator(*, entries, actor=None) -> int:
     """Delete the given entries (an admin action) and announce each deletion."""
-    return _delete_announced(list(entries.select_related("owner")), event="deleted")
+    entries = list(entries.select_related("owner"))
+    deleted = _delete_announced(entries, event="deleted")
+    if deleted:
+        audit_record(
+            actor=actor,
+            action="contexts_deleted",
+            target=f"{deleted} entries" if deleted != 1 else str(entries[0].pk),
+            detail={"context_ids": [str(e.pk) for e in entries[:100]]},
+        )
+    return deleted
 
 
 def contexts_purge_expired(*, batch_size: int | None = None, max_batches: int | None = None) -> int:
@@ -447,6 +531,7 @@ def contexts_purge_expired(*, batch_size: int | None = None, max_batches: int | 
         if len(batch) < batch_size:
             break
     if purged:
+        audit_record(action="expired_contexts_purged", target=f"{purged} entries")
         logger.info("purged expired context entries", extra={"count": purged})
     return purged
 
@@ -454,15 +539,17 @@ def contexts_purge_expired(*, batch_size: int | None = None, max_batches: int | 
 # --- Reads --------------------------------------------------------------------------------------
 
 
+@_audits_refusals
 def context_get(*, context_id, reader: Agent | None) -> ContextEntry:
     """Return a live entry the reader may read (reader None: an operator)."""
     entry = ContextEntry.objects.live().select_related("owner").filter(pk=context_id).first()
     if entry is None:
         raise ContextNotFound("No such context entry (or it has expired).")
-    _require(reader, entry.context_type, READ)
+    _require(reader, entry.context_type, READ, entry.pk)
     return entry
 
 
+@_audits_refusals
 def context_versions(*, context_id, reader: Agent | None) -> tuple[ContextEntry, list[dict]]:
     """Return the entry and its last CONTEXT_HISTORY versions, newest (the current one) first."""
     entry = context_get(context_id=context_id, reader=reader)
@@ -478,6 +565,7 @@ def context_versions(*, context_id, reader: Agent | None) -> tuple[ContextEntry,
     return entry, [current] + [row.as_dict() for row in earlier[: history - 1]]
 
 
+@_audits_refusals
 def context_version(*, context_id, reader: Agent | None, version: int) -> dict:
     entry, versions = context_versions(context_id=context_id, reader=reader)
     for row in versions:
@@ -547,6 +635,7 @@ class Page:
     count_exact: bool
 
 
+@_audits_refusals
 def contexts_query(
     *,
     reader: Agent | None,

@@ -11,11 +11,12 @@ from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
+from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents.api import PayloadTooLarge
-from agents.permissions import IsAgent, IsAgentOrOperator, is_operator, request_agent
+from agents.permissions import IsAgent, is_operator, operator_may, request_agent
 
 from . import services
 from .serializers import (
@@ -44,6 +45,30 @@ ERRORS = {
     413: OpenApiResponse(description="Payload over the configured limit."),
     428: OpenApiResponse(description="If-Match missing."),
 }
+
+
+class IsAgentOrPermittedOperator(BasePermission):
+    """Agents (each context type under the access policies), or operators with the permission.
+
+    Operators use the store under the same Django model permissions as in the admin: viewing
+    entries to read them, deleting entries to delete them; they never write.
+    """
+
+    message = "This call is for agents, and for operators with permission on context entries."
+    OPERATOR_PERMISSIONS = {
+        "GET": "contexts.view_contextentry",
+        "HEAD": "contexts.view_contextentry",
+        "DELETE": "contexts.delete_contextentry",
+    }
+
+    def has_permission(self, request, view):
+        if request_agent(request) is not None:
+            return True
+        permission = self.OPERATOR_PERMISSIONS.get(request.method)
+        if permission is None:
+            # Writes are for owners; an operator learns why rather than "no permission".
+            return is_operator(request)
+        return operator_may(request, permission)
 
 
 def _version_header(request, name: str):
@@ -102,7 +127,7 @@ class ContextListView(ContextAPIView):
     def get_permissions(self):
         if self.request.method == "POST":
             return [IsAgent()]
-        return [IsAgentOrOperator()]
+        return [IsAgentOrPermittedOperator()]
 
     @extend_schema(
         operation_id="contexts_list",
@@ -182,7 +207,7 @@ class ContextListView(ContextAPIView):
 class ContextDetailView(ContextAPIView):
     """Read, change or delete one entry."""
 
-    permission_classes = [IsAgentOrOperator]
+    permission_classes = [IsAgentOrPermittedOperator]
 
     @extend_schema(responses={200: ContextEntrySerializer, 304: None, 404: ERRORS[404]})
     def get(self, request, context_id):
@@ -243,6 +268,7 @@ class ContextDetailView(ContextAPIView):
             agent=request_agent(request),
             operator=is_operator(request),
             expected_version=None if if_match in (None, ANY) else if_match,
+            actor=request.user if is_operator(request) else None,
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -250,7 +276,7 @@ class ContextDetailView(ContextAPIView):
 class ContextVersionsView(ContextAPIView):
     """The entry's last versions, newest (the current one) first."""
 
-    permission_classes = [IsAgentOrOperator]
+    permission_classes = [IsAgentOrPermittedOperator]
 
     @extend_schema(
         operation_id="contexts_versions_list",
@@ -267,7 +293,7 @@ class ContextVersionsView(ContextAPIView):
 
 
 class ContextVersionDetailView(ContextAPIView):
-    permission_classes = [IsAgentOrOperator]
+    permission_classes = [IsAgentOrPermittedOperator]
 
     @extend_schema(responses={200: ContextVersionSerializer, 404: ERRORS[404]})
     def get(self, request, context_id, version):

@@ -10,11 +10,20 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from agents.checks import refuse_unsafe_production  # noqa: E402
+
+# Servers run no system checks of their own: in production, unsafe settings stop the start here.
+refuse_unsafe_production()
+
 from messaging.routing import websocket_urlpatterns  # noqa: E402
 from ops import shutdown  # noqa: E402
+from security import server as server_hardening  # noqa: E402
 
 # Under daphne: on SIGTERM close every agent socket with 1012 before exiting (ops/shutdown.py).
 shutdown.install()
+# Under daphne: oversized frames close with 1009, and no credential in a query string reaches the
+# access log (security/server.py).
+server_hardening.install()
 
 application = ProtocolTypeRouter(
     {

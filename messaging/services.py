@@ -20,7 +20,7 @@ from agents.models import Agent, Connection
 from agents.services import HubError
 from ops import telemetry
 from security.models import AccessPolicy
-from security.services import access_check, audit_record
+from security.services import access_check, access_filter, audit_record
 
 from . import live, protocol
 from .models import Delivery, Mailbox, Message, Subscription
@@ -145,10 +145,12 @@ def _recipients(*, sender: Agent, kind: str, to: str | None, topic: str | None) 
         return [agent_pk]
     if kind == Message.Kind.BROADCAST:
         return list(Agent.objects.active().exclude(pk=sender.pk).values_list("pk", flat=True))
-    return list(
-        Subscription.objects.filter(topic=topic, agent__state=Agent.State.ACTIVE).values_list(
-            "agent_id", flat=True
-        )
+    subscribers = Subscription.objects.filter(topic=topic, agent__state=Agent.State.ACTIVE)
+    # A subscription outlives a policy that now forbids it: such subscribers get nothing.
+    return access_filter(
+        agents=list(subscribers.values_list("agent_id", "agent__agent_id")),
+        action=AccessPolicy.Action.SUBSCRIBE,
+        target=topic,
     )
 
 
@@ -444,6 +446,7 @@ def deliveries_redeliver_due() -> dict:
     if recipients:
         live.notify_replay(recipients, delivered_before=cutoff)
     if dead:
+        audit_record(action="deliveries_dead_lettered", target=f"{dead} deliveries")
         logger.warning("dead-lettered deliveries", extra={"count": dead})
     return {"dead": dead, "replayed_recipients": len(recipients)}
 
@@ -491,4 +494,6 @@ def messages_purge_old() -> int:
     )
     old = Message.objects.filter(created_at__lt=cutoff).exclude(Exists(deliverable))
     deleted, _ = old.delete()
+    if deleted:
+        audit_record(action="old_messages_purged", target=f"{deleted} rows")
     return deleted

@@ -25,6 +25,8 @@ request_source: ContextVar[str] = ContextVar("request_source", default="")
 
 # Policies change rarely and are read on every send: each process keeps them this long (seconds).
 POLICY_CACHE_SECONDS = 2.0
+# Agents per query when loading capabilities in bulk (SQLite bounds query parameters).
+CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,6 @@ class _PolicyCache:
         self._loaded_at = float("-inf")
         self.rules: tuple[Rule, ...] = ()
         self.default_effect = AccessPolicy.Effect.ALLOW
-        self.uses_capabilities = False
 
     def current(self) -> "_PolicyCache":
         if time.monotonic() - self._loaded_at > POLICY_CACHE_SECONDS:
@@ -74,9 +75,6 @@ class _PolicyCache:
             self.default_effect = (
                 settings_row.default_effect if settings_row else AccessPolicy.Effect.ALLOW
             )
-            self.uses_capabilities = any(
-                r.subject_kind == AccessPolicy.SubjectKind.CAPABILITY for r in rules
-            )
             self._loaded_at = time.monotonic()
 
     def invalidate(self) -> None:
@@ -91,32 +89,31 @@ def policies_changed() -> None:
     transaction.on_commit(policies.invalidate)
 
 
-def _subject_matches(rule: Rule, agent: Agent, capabilities: frozenset[str]) -> bool:
+def _subject_matches(rule: Rule, agent_id: str, capabilities: frozenset[str]) -> bool:
     if rule.subject_kind == AccessPolicy.SubjectKind.ALL:
         return True
     if rule.subject_kind == AccessPolicy.SubjectKind.AGENT:
-        return rule.subject == agent.agent_id
+        return rule.subject == agent_id
     return rule.subject in capabilities
 
 
-def access_allowed(*, agent: Agent, action: str, target: str) -> bool:
-    """Decide by the highest-priority matching policy (deny wins ties), else the default."""
-    state = policies.current()
-    if not state.rules:
-        return state.default_effect == AccessPolicy.Effect.ALLOW
-    capabilities = frozenset()
-    if state.uses_capabilities:
-        capabilities = frozenset(
-            Capability.objects.filter(agent=agent).values_list("name", flat=True)
-        )
+def _relevant(state: _PolicyCache, action: str, target: str) -> list[Rule]:
+    """The enabled rules about this action on this target, highest priority first."""
+    return [r for r in state.rules if r.action == action and r.matches_target(target)]
+
+
+def _needs_capabilities(rules: list[Rule]) -> bool:
+    return any(r.subject_kind == AccessPolicy.SubjectKind.CAPABILITY for r in rules)
+
+
+def _decide(rules: list[Rule], agent_id: str, capabilities: frozenset[str], default: str) -> bool:
+    """Apply the highest-priority rules that match the subject (deny wins ties), else default."""
     decision = None
     decided_priority = None
-    for rule in state.rules:  # ordered by priority, highest first
+    for rule in rules:  # ordered by priority, highest first
         if decided_priority is not None and rule.priority < decided_priority:
             break
-        if rule.action != action or not rule.matches_target(target):
-            continue
-        if not _subject_matches(rule, agent, capabilities):
+        if not _subject_matches(rule, agent_id, capabilities):
             continue
         decided_priority = rule.priority
         if rule.effect == AccessPolicy.Effect.DENY:
@@ -124,21 +121,65 @@ def access_allowed(*, agent: Agent, action: str, target: str) -> bool:
         decision = True
     if decision is not None:
         return decision
-    return state.default_effect == AccessPolicy.Effect.ALLOW
+    return default == AccessPolicy.Effect.ALLOW
+
+
+def access_allowed(*, agent: Agent, action: str, target: str) -> bool:
+    """Decide by the highest-priority matching policy (deny wins ties), else the default."""
+    state = policies.current()
+    rules = _relevant(state, action, target)
+    capabilities = frozenset()
+    if _needs_capabilities(rules):
+        capabilities = frozenset(
+            Capability.objects.filter(agent=agent).values_list("name", flat=True)
+        )
+    return _decide(rules, agent.agent_id, capabilities, state.default_effect)
+
+
+def access_filter(*, agents: list[tuple[int, str]], action: str, target: str) -> list[int]:
+    """Return the primary keys of the agents, given as (pk, agent_id), allowed the action.
+
+    One decision per agent as access_allowed makes it, with at most one query for all of them:
+    fan-out asks this for every subscriber of a topic.
+    """
+    state = policies.current()
+    rules = _relevant(state, action, target)
+    if not rules:
+        return [pk for pk, _ in agents] if state.default_effect == AccessPolicy.Effect.ALLOW else []
+    capabilities: dict[int, set[str]] = {}
+    if _needs_capabilities(rules):
+        pks = [pk for pk, _ in agents]
+        for start in range(0, len(pks), CHUNK):
+            rows = Capability.objects.filter(agent_id__in=pks[start : start + CHUNK])
+            for agent_pk, name in rows.values_list("agent_id", "name"):
+                capabilities.setdefault(agent_pk, set()).add(name)
+    return [
+        pk
+        for pk, agent_id in agents
+        if _decide(rules, agent_id, frozenset(capabilities.get(pk, ())), state.default_effect)
+    ]
 
 
 def access_check(*, agent: Agent, action: str, target: str, source: str = "") -> None:
     """Raise Forbidden, and audit the refusal, unless the agent may do this."""
     if access_allowed(agent=agent, action=action, target=target):
         return
+    access_refused(agent=agent, action=action, target=target, source=source)
+    raise Forbidden(f"Not allowed to {action} {target!r}.")
+
+
+def access_refused(
+    *, agent: Agent, action: str, target: str, source: str = "", detail: dict | None = None
+) -> None:
+    """Record that an agent was refused an action; the caller answers the refusal."""
     audit_record(
         actor=agent,
         action=action,
         target=target,
         outcome=AuditEvent.Outcome.REFUSED,
         source=source or request_source.get(),
+        detail=detail,
     )
-    raise Forbidden(f"Not allowed to {action} {target!r}.")
 
 
 def audit_record(

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 from django.utils import timezone
 
 from contexts.models import ContextEntry, ContextTag
@@ -103,3 +104,13 @@ async def context_frames(communicator, count: int, timeout=5.0) -> list[dict]:
 
 def in_db(function):
     return database_sync_to_async(function)
+
+
+@pytest.fixture
+async def release_db_connections():
+    """Close the connection async tests opened in the ORM's worker thread.
+
+    Left open, it keeps PostgreSQL from dropping the test database at the end of the run.
+    """
+    yield
+    await database_sync_to_async(connections.close_all)()

@@ -61,7 +61,7 @@ def test_a_policy_applies_to_entries_written_before_it(bob, share, as_agent, mon
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("bob_may_not_touch_errors")
+@pytest.mark.usefixtures("bob_may_not_touch_errors", "release_db_connections")
 async def test_a_watch_for_an_unreadable_type_is_refused_and_others_skip_it(alice, bob, share):
     socket = await connect(bob)
     answer = await request(socket, {"type": "watch", "context_type": "error", "ref": "e"})

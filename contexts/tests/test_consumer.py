@@ -17,7 +17,10 @@ from .conftest import (
     watch,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("release_db_connections"),
+]
 
 
 @pytest.fixture

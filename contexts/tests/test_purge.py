@@ -48,6 +48,7 @@ def test_it_does_nothing_when_nothing_expired(alice, share):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("release_db_connections")
 async def test_it_announces_each_purged_entry_as_expired(alice, share):
     layer = get_channel_layer()
     channel = await layer.new_channel()

@@ -97,18 +97,19 @@ def communicator_for(credentials=None, *, headers=None) -> WebsocketCommunicator
 async def connect(credentials, *, headers=None):
     """Open an authenticated session and return it with its welcome frame."""
     communicator = communicator_for(credentials, headers=headers)
-    connected, _ = await communicator.connect()
+    # Generous timeouts: a busy CI machine must not turn a slow answer into a failure.
+    connected, _ = await communicator.connect(timeout=10)
     assert connected
-    welcome = await communicator.receive_json_from()
+    welcome = await communicator.receive_json_from(timeout=10)
     assert welcome["type"] == "welcome", welcome
     return communicator, welcome
 
 
-async def receive(communicator, timeout=2.0) -> dict:
+async def receive(communicator, timeout=5.0) -> dict:
     return await communicator.receive_json_from(timeout=timeout)
 
 
-async def receive_type(communicator, frame_type: str, timeout=2.0) -> dict:
+async def receive_type(communicator, frame_type: str, timeout=5.0) -> dict:
     """Return the next frame of a type, failing on any other frame in between."""
     frame = await receive(communicator, timeout)
     assert frame["type"] == frame_type, frame

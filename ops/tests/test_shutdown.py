@@ -46,7 +46,7 @@ async def test_drain_stops_after_the_grace_period_when_a_socket_never_finishes(a
     started = time.monotonic()
     await shutdown.drain(grace=0.3, stop=stopped.set)
     assert stopped.is_set()
-    assert 0.3 <= time.monotonic() - started < 2
+    assert 0.3 <= time.monotonic() - started < 5
     assert await closed_with(a) == CLOSE_RESTARTING
     await a.disconnect()
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import embedded_redis  # noqa: E402  (a script beside manage.py, not a package)
 
 START_TIMEOUT = 30.0  # seconds for a server to answer /healthz after launch
+DEFAULT_MAX_FRAME_BYTES = 512 * 1024  # settings.HUB["MAX_FRAME_BYTES"] without HUB_MAX_FRAME_BYTES
 STOP_TIMEOUT = 5.0  # seconds for a graceful stop before SIGKILL
 LOG_TAIL_LINES = 60
 
@@ -383,10 +384,14 @@ class Hub:
 
     def _launch_server(self, index: int) -> None:
         server = self.servers[index]
+        env = self.env(HUB_SERVER_NAME=server.name)
         args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(server.port)]
+        # The transport limit equals the app's frame limit, as in the Procfile.
+        max_frame = env.get("HUB_MAX_FRAME_BYTES", str(DEFAULT_MAX_FRAME_BYTES))
+        args += ["--websocket-max-message-size", max_frame]
         server.launch(
             [*args, "mcp_project.asgi:application"],
-            self.env(HUB_SERVER_NAME=server.name),
+            env,
             launcher=self._launcher,
         )
 
