@@ -2,6 +2,7 @@
 
 import os
 import platform
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ def _get(figures: dict | None, path: str):
 RATIOS = {
     "direct": [
         "delivered_per_s", "latency_ms.p50", "latency_ms.p99",
-        "server.cpu_util", "server.peak_rss_mb",
+        "server.cpu_util", "server.peak_rss_mb", "cpu_us_per_message.server_with_helpers",
     ],
     "latency": [
         "latency_ms.p50", "latency_ms.p99", "latency_ms.max",
@@ -36,7 +37,9 @@ RATIOS = {
     ],
     "fanout": [
         "broadcast.delivered_per_s", "broadcast.latency_ms.p99",
+        "broadcast.cpu_us_per_message.server_with_helpers",
         "topic.delivered_per_s", "topic.latency_ms.p99",
+        "topic.cpu_us_per_message.server_with_helpers",
     ],
     "idle": [
         "rss_per_connection_kb", "connect_per_s", "heartbeat_latency_ms.p99", "server.cpu_util",
@@ -72,6 +75,26 @@ def machine() -> dict:
     }
 
 
+def code() -> dict:
+    """Return the commit measured and whether the working tree had changes on top of it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "uncommitted_changes": bool(status),
+    }
+
+
 def compare(workload: str, db: str, params: dict, sides: dict) -> dict:
     reference, hub = sides.get("reference"), sides.get("hub")
     ratios = {key: ratio(_get(hub, key), _get(reference, key)) for key in RATIOS[workload]}
@@ -88,6 +111,7 @@ def compare(workload: str, db: str, params: dict, sides: dict) -> dict:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "machine": machine(),
+        "code": code(),
         "params": params,
         "reference": reference,
         "hub": hub,

@@ -160,7 +160,7 @@ def _message_figures(results: list[dict], meter: ServerMeter, span_s: float) -> 
     delivered = sum(r["delivered"] for r in results)
     expected = sum(r["expected_total"] for r in results)
     delivered_total = sum(r["delivered_total"] for r in results)
-    return {
+    figures = {
         "delivered_per_s": round(delivered / span_s, 1),
         "accepted_per_s": round(sum(r["accepted"] for r in results) / span_s, 1),
         "latency_ms": stats.latency_ms(stats.merge(r["latencies_us"] for r in results)),
@@ -178,6 +178,16 @@ def _message_figures(results: list[dict], meter: ServerMeter, span_s: float) -> 
         "server": meter.figures([r.get("client_cpu_util") for r in results]),
         "client": _client_figures(results),
     }
+    if delivered:
+        # CPU time per delivered message: unlike a rate, hardly changed by other work competing
+        # for the cores, so it compares runs on a busy machine. 1e6 / it is a one-core ceiling.
+        server = figures["server"]
+        figures["cpu_us_per_message"] = {
+            "server": round(server["cpu_s"] * 1e6 / delivered, 1),
+            "server_with_helpers": round(server["cpu_s_with_helpers"] * 1e6 / delivered, 1),
+            "client": round(sum(figures["client"]["cpu_util"]) * span_s * 1e6 / delivered, 1),
+        }
+    return figures
 
 
 def _run_measured(srv, opts, worker, configs, *, label: str, messages_mode: bool) -> dict:
@@ -257,6 +267,8 @@ def run_latency(opts) -> dict:
         with start_server(kind, opts, pair_agents(opts.pairs)) as srv:
             figures = measure_pairs(srv, opts, rate=opts.rate, label="latency")
             figures["offered_per_s"] = opts.rate
+            # A server that falls behind the offered rate measures its queue, not its latency.
+            figures["keeps_up"] = figures["delivered_per_s"] >= 0.95 * opts.rate
             sides[kind] = figures
     return {"sides": sides}
 

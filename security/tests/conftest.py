@@ -39,7 +39,9 @@ def deny():
         rule = AccessPolicy.objects.create(
             name=f"deny {subject or 'all'} {action} {target}",
             effect=AccessPolicy.Effect.DENY,
-            subject_kind=AccessPolicy.SubjectKind.AGENT if subject else AccessPolicy.SubjectKind.ALL,
+            subject_kind=AccessPolicy.SubjectKind.AGENT
+            if subject
+            else AccessPolicy.SubjectKind.ALL,
             subject=subject or "",
             action=action,
             target=target,

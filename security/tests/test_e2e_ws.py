@@ -73,7 +73,7 @@ def hub():
         wait_for_drops()
 
 
-# --- An operator in a browser ----------------------------------------------------------------------
+# --- An operator in a browser ---------------------------------------------------------------------
 
 
 class Browser:
@@ -94,7 +94,7 @@ class Browser:
     def post(self, path: str, fields: dict) -> str:
         fields = {**fields, "csrfmiddlewaretoken": self.cookie("csrftoken")}
         data = urllib.parse.urlencode(fields, doseq=True).encode()
-        request = urllib.request.Request(self.base_url + path, data=data)
+        request = urllib.request.Request(self.base_url + path, data=data)  # noqa: S310 (local)
         with self.opener.open(request, timeout=10) as answer:
             return answer.read().decode()
 
@@ -124,7 +124,7 @@ def browser(hub) -> Browser:
     return Browser(hub.url(0)).log_in(*OPERATOR)
 
 
-# --- Helpers ------------------------------------------------------------------------------------------
+# --- Helpers --------------------------------------------------------------------------------------
 
 
 async def open_raw(url, *, headers=None, origin=None):
@@ -209,13 +209,15 @@ async def test_an_allowed_origin_authenticates_with_its_first_frame(hub):
         assert welcome["type"] == "welcome" and welcome["agent_id"] == agent.agent_id
 
 
-# --- A browser's session cookie is not a credential ----------------------------------------------------
+# --- A browser's session cookie is not a credential -----------------------------------------------
 
 
 async def test_a_session_cookie_without_a_valid_origin_is_refused(hub, browser):
     cookie = {"Cookie": f"sessionid={browser.cookie('sessionid')}"}
     assert await refused_handshake(hub.ws_url(0), headers=cookie) == 403
-    assert await refused_handshake(hub.ws_url(0), headers=cookie, origin="https://evil.example") == 403
+    assert (
+        await refused_handshake(hub.ws_url(0), headers=cookie, origin="https://evil.example") == 403
+    )
 
 
 async def test_a_session_cookie_from_an_allowed_origin_authenticates_nothing(hub, browser):
@@ -234,7 +236,7 @@ async def test_a_session_cookie_from_an_allowed_origin_authenticates_nothing(hub
     assert answer.status == 401
 
 
-# --- Frame and payload sizes --------------------------------------------------------------------------
+# --- Frame and payload sizes ----------------------------------------------------------------------
 
 
 async def test_a_frame_over_the_transport_limit_closes_with_1009_before_it_is_parsed(hub):
@@ -270,7 +272,7 @@ async def test_a_payload_over_the_limit_answers_payload_too_large_and_the_socket
     assert too_big.status == 413
 
 
-# --- Rate and connection limits -----------------------------------------------------------------------
+# --- Rate and connection limits -------------------------------------------------------------------
 
 
 async def test_excess_frames_answer_rate_limited_and_sustained_abuse_closes_with_4429(hub):
@@ -314,7 +316,7 @@ async def test_a_connection_over_the_per_agent_limit_closes_with_4409_across_ser
         await second.close()
 
 
-# --- Tokens -----------------------------------------------------------------------------------------
+# --- Tokens ---------------------------------------------------------------------------------------
 
 
 async def test_a_live_socket_is_closed_with_4401_when_its_token_expires(hub):
@@ -387,7 +389,7 @@ async def test_rotating_a_secret_in_the_admin_closes_sockets_and_only_the_new_se
         assert again.welcome["agent_id"] == agent.agent_id
 
 
-# --- Policies edited in the admin apply to every transport --------------------------------------------
+# --- Policies edited in the admin apply to every transport ----------------------------------------
 
 
 async def test_a_policy_made_in_the_admin_refuses_over_rest_and_websocket_and_is_audited(
@@ -442,7 +444,7 @@ async def test_a_policy_made_in_the_admin_refuses_over_rest_and_websocket_and_is
     assert "policy_created" in policy_audit and OPERATOR[0] in policy_audit
 
 
-# --- Logs ------------------------------------------------------------------------------------------
+# --- Logs -----------------------------------------------------------------------------------------
 
 
 async def test_no_secret_or_token_appears_in_the_server_logs(hub):

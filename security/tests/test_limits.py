@@ -3,9 +3,10 @@ from channels.testing import WebsocketCommunicator
 from django.urls import reverse
 
 from agents.models import Agent
-from agents.throttles import RegisterThrottle
+from agents.throttles import RegisterThrottle, SendThrottle, TokenThrottle
 from mcp_project.asgi import application
 from messaging.consumers import AgentConsumer
+from messaging.models import Message
 
 TIMEOUT = 5
 
@@ -95,6 +96,39 @@ def test_rest_registration_is_throttled_with_retry_after(api, enrollment_key, mo
     assert int(refused["Retry-After"]) > 0
     assert refused.json()["code"] == "throttled"
     assert not Agent.objects.filter(agent_id="agent-x").exists()
+
+
+@pytest.mark.django_db
+def test_rest_token_and_refresh_calls_share_a_throttle_with_retry_after(api, alice, monkeypatch):
+    monkeypatch.setattr(
+        TokenThrottle, "THROTTLE_RATES", {**TokenThrottle.THROTTLE_RATES, "token": "2/min"}
+    )
+    credentials = {"agent_id": "alice", "agent_secret": alice.secret}
+    assert api.post("/api/v1/auth/token/", credentials, format="json").status_code == 200
+    refresh = {"refresh": alice.refresh}
+    assert api.post("/api/v1/auth/token/refresh/", refresh, format="json").status_code == 200
+    for path, body in (("/api/v1/auth/token/", credentials), ("/api/v1/auth/token/refresh/", {})):
+        refused = api.post(path, body, format="json")
+        assert refused.status_code == 429
+        assert int(refused["Retry-After"]) > 0 and refused.json()["code"] == "throttled"
+
+
+@pytest.mark.django_db
+def test_rest_sends_are_throttled_per_agent(as_agent, alice, bob, monkeypatch):
+    monkeypatch.setattr(
+        SendThrottle, "THROTTLE_RATES", {**SendThrottle.THROTTLE_RATES, "send": "2/min"}
+    )
+
+    def send(sender, n):
+        body = {"to": "bob" if sender is alice else "alice", "payload": {"n": n}}
+        return as_agent(sender).post("/api/v1/messages/", body, format="json")
+
+    assert [send(alice, n).status_code for n in range(2)] == [201, 201]
+    refused = send(alice, 2)
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    assert Message.objects.filter(sender=alice.agent).count() == 2
+    # Another agent behind the same address has its own allowance.
+    assert send(bob, 0).status_code == 201
 
 
 @pytest.mark.django_db

@@ -44,7 +44,7 @@ INBOX_MARKER = "third-to-owner-91c2"  # in a message the third agent sent to the
 PRIVATE_MARKER = "private-error-5be8"  # in the owner's context of a type `other` may not read
 SHARED_MARKER = "shared-result-0d44"  # in the owner's context every agent may read
 
-# --- The endpoints, from the URLconf ----------------------------------------------------------------
+# --- The endpoints, from the URLconf --------------------------------------------------------------
 
 
 def _walk(patterns, prefix=""):
@@ -78,7 +78,7 @@ def api_endpoints() -> list[tuple[str, str]]:
 
 ENDPOINTS = api_endpoints()
 
-# --- What each caller should get -------------------------------------------------------------------
+# --- What each caller should get ------------------------------------------------------------------
 
 # Public endpoints: anonymous callers get an answer on the merits, not 401.
 PUBLIC = {
@@ -168,7 +168,7 @@ CELLS = list(cells())
 
 
 def test_every_api_endpoint_is_classified():
-    """A new endpoint fails here until EXPECTED says what owner, other, anonymous and operators get."""
+    """A new endpoint fails here until EXPECTED says what each caller should get from it."""
     unknown = sorted(set(ENDPOINTS) - set(EXPECTED))
     assert not unknown, f"classify these endpoints in security/tests/test_matrix.py: {unknown}"
 
@@ -183,7 +183,7 @@ def test_the_matrix_covers_every_endpoint_and_caller():
     assert len(CELLS) == sum(len(EXPECTED[e]) for e in ENDPOINTS) * len(PRINCIPALS)
 
 
-# --- The world each cell runs in -------------------------------------------------------------------
+# --- The world each cell runs in ------------------------------------------------------------------
 
 
 @dataclass
@@ -216,13 +216,6 @@ class World:
             "context_id": str(context.id),
             "version": "1",
         }
-
-
-@pytest.fixture(autouse=True)
-def fresh_policies():
-    policies.invalidate()
-    yield
-    policies.invalidate()
 
 
 @pytest.fixture
@@ -276,9 +269,7 @@ def owner_snapshot(agent_pk: int) -> dict:
         "profile": (agent.name, agent.description, agent.metadata, agent.state),
         "secret": agent.secret_digest,
         "capabilities": sorted(agent.capabilities.values_list("name", "version")),
-        "tokens": sorted(
-            IssuedToken.objects.filter(agent=agent).values_list("jti", "revoked_at")
-        ),
+        "tokens": sorted(IssuedToken.objects.filter(agent=agent).values_list("jti", "revoked_at")),
         "contexts": sorted(
             (str(pk), version, repr(payload), tuple(tags))
             for pk, version, payload, tags in ContextEntry.objects.filter(owner=agent).values_list(

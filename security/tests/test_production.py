@@ -17,6 +17,7 @@ from agents.checks import refuse_unsafe_production
 from tests.e2e.harness import embedded_redis, http
 
 ROOT = Path(__file__).resolve().parents[2]
+APPLICATION = "mcp_project.asgi:application"
 STRONG_KEY = "k" * 24 + "-production-secret-key-of-64-characters-00000000"
 
 SAFE = {
@@ -95,7 +96,7 @@ def test_the_check_lets_development_run_with_development_settings(checks):
 def test_the_asgi_startup_refuses_unsafe_settings_in_production(settings):
     settings.HUB_PRODUCTION = True
     settings.DEBUG = True
-    with pytest.raises(ImproperlyConfigured, match="hub.E001"):
+    with pytest.raises(ImproperlyConfigured, match=r"hub\.E001"):
         refuse_unsafe_production()
     settings.HUB_PRODUCTION = False
     refuse_unsafe_production()  # development: never refuses
@@ -109,8 +110,7 @@ def test_daphne_refuses_to_start_with_unsafe_settings_and_starts_with_safe_ones(
         env = environment({**changes, "SQLITE_PATH": str(tmp_path / "hub.sqlite3")})
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            + ["mcp_project.asgi:application"],
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), APPLICATION],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

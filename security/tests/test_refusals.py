@@ -19,7 +19,7 @@ def refusal(actor: str, action: str, target: str) -> AuditEvent:
     return AuditEvent.objects.get(actor=actor, action=action, target=target, outcome="refused")
 
 
-# --- REST -------------------------------------------------------------------------------------------
+# --- REST -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.django_db
@@ -87,7 +87,10 @@ def test_another_agents_attempt_to_change_an_entry_is_audited(alice, bob, as_age
         CONTEXTS, {"context_type": "task_result", "payload": {}}, format="json"
     )
     url = f"{CONTEXTS}{created.json()['context_id']}/"
-    assert as_agent(bob).put(url, {"payload": {}}, format="json", HTTP_IF_MATCH='"1"').status_code == 403
+    assert (
+        as_agent(bob).put(url, {"payload": {}}, format="json", HTTP_IF_MATCH='"1"').status_code
+        == 403
+    )
     assert as_agent(bob).delete(url).status_code == 403
     events = AuditEvent.objects.filter(actor="bob", action="context_write", outcome="refused")
     assert [e.detail["reason"] for e in events] == ["not the owner", "not the owner"]
@@ -104,7 +107,10 @@ def test_a_refused_read_answers_403_on_every_read_endpoint(alice, bob, as_agent,
         response = as_agent(bob).get(url)
         assert response.status_code == 403, url
         assert "s3" not in response.content.decode()
-    assert AuditEvent.objects.filter(actor="bob", action="context_read", outcome="refused").count() == 3
+    assert (
+        AuditEvent.objects.filter(actor="bob", action="context_read", outcome="refused").count()
+        == 3
+    )
     assert as_agent(alice).get(entry_url).status_code == 200
 
 
@@ -139,7 +145,7 @@ def test_operators_are_governed_by_model_permissions_not_policies(
     assert as_agent(alice).get(CONTEXTS).json()["count"] == 0
 
 
-# --- WebSocket --------------------------------------------------------------------------------------
+# --- WebSocket ------------------------------------------------------------------------------------
 
 ws = pytest.mark.django_db(transaction=True)
 
@@ -216,7 +222,10 @@ async def test_the_socket_and_rest_refuse_identically(alice, bob, deny, as_agent
         lambda: as_agent(alice).post(MESSAGES, {"to": "bob", "payload": {}}, format="json")
     )()
     assert (frame["code"], frame["detail"]) == (rest.json()["code"], rest.json()["detail"])
-    assert await in_db(
-        AuditEvent.objects.filter(actor="alice", action="send", outcome="refused").count
-    )() == 2
+    assert (
+        await in_db(
+            AuditEvent.objects.filter(actor="alice", action="send", outcome="refused").count
+        )()
+        == 2
+    )
     await a.disconnect()

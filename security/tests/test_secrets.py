@@ -14,8 +14,8 @@ from django.urls import reverse
 from agents.models import Agent
 from mcp_project.asgi import application
 from messaging.models import Message
-from security.server import REDACTED, redact_path
 from security.models import AuditEvent
+from security.server import REDACTED, redact_path
 
 from .conftest import TIMEOUT, in_db
 
@@ -134,9 +134,7 @@ async def test_no_secret_reaches_the_logs_or_the_audit_log(
     assert len(records) > 10  # the flows above really logged
     output = "\n".join(capfd.readouterr())
     audit = await in_db(
-        lambda: [
-            f"{e.actor} {e.action} {e.target} {e.detail}" for e in AuditEvent.objects.all()
-        ]
+        lambda: [f"{e.actor} {e.action} {e.target} {e.detail}" for e in AuditEvent.objects.all()]
     )()
     assert {"token_issued", "token_refreshed", "token_refresh_refused", "token_refused"} <= {
         line.split()[1] for line in audit
