@@ -13,7 +13,8 @@ from django.utils import timezone
 AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 agent_id_validator = RegexValidator(
     AGENT_ID_PATTERN,
-    "agent_id must be 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit.",
+    "agent_id must be 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+    "starting with a letter or digit.",
 )
 
 
@@ -168,7 +169,9 @@ class EnrollmentKey(models.Model):
     label = models.CharField(max_length=200, blank=True)
     prefix = models.CharField(max_length=12, editable=False)
     key_digest = models.CharField(max_length=64, unique=True, editable=False)
-    max_uses = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means unlimited.")
+    max_uses = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty means unlimited."
+    )
     uses = models.PositiveIntegerField(default=0, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -260,7 +263,9 @@ class Connection(models.Model):
             ),
             # The liveness sweep: open connections by last sign of life.
             models.Index(
-                fields=["last_seen_at"], condition=Q(closed_at__isnull=True), name="connection_seen_idx"
+                fields=["last_seen_at"],
+                condition=Q(closed_at__isnull=True),
+                name="connection_seen_idx",
             ),
         ]
 

@@ -101,7 +101,9 @@ def enrollment_key_consume(*, raw: str) -> EnrollmentKey:
 
 def enrollment_key_revoke(*, key: EnrollmentKey, actor=None) -> None:
     audit_record(actor=actor, action="enrollment_key_revoked", target=key.prefix)
-    EnrollmentKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    EnrollmentKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
 
 
 # --- Agents -------------------------------------------------------------------------------------
@@ -253,7 +255,9 @@ def agent_authenticate(*, agent_id: str, secret: str) -> Agent:
         # Compare anyway, so timing does not reveal which agent ids exist.
         digests_match(secret, "0" * 64)
     if agent is None or not agent.check_secret(secret):
-        audit_record(actor=agent_id[:64], action="token_refused", target=agent_id[:64], outcome="refused")
+        audit_record(
+            actor=agent_id[:64], action="token_refused", target=agent_id[:64], outcome="refused"
+        )
         raise TokenRejected("Invalid agent_id or agent_secret.", code="invalid_credentials")
     if not agent.is_active:
         audit_record(
@@ -406,7 +410,9 @@ def principal_from_access_token(raw: str) -> Principal:
         # The agent's state comes first: disabling revokes its tokens too, and the client should
         # hear why (agent_disabled, WebSocket close 4403) rather than a bare "revoked" (4401).
         if not issued.agent.is_active:
-            raise TokenRejected(f"Agent is {issued.agent.state}.", code=f"agent_{issued.agent.state}")
+            raise TokenRejected(
+                f"Agent is {issued.agent.state}.", code=f"agent_{issued.agent.state}"
+            )
         if issued.revoked_at is not None:
             raise TokenRejected("Token is revoked.", code="token_revoked")
         return Principal(
@@ -420,10 +426,10 @@ def principal_from_access_token(raw: str) -> Principal:
 
 
 def token_revoke(*, token: IssuedToken, actor=None) -> None:
-    audit_record(
-        actor=actor, action="token_revoked", target=f"{token.token_type} {token.jti[:8]}"
+    audit_record(actor=actor, action="token_revoked", target=f"{token.token_type} {token.jti[:8]}")
+    IssuedToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
     )
-    IssuedToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     if token.token_type == IssuedToken.Type.ACCESS:
         # A revoked access token may be holding sockets open: those sessions end now.
         connections_close(agent=token.agent, code=CLOSE_NOT_AUTHENTICATED, token_jti=token.jti)
@@ -438,7 +444,9 @@ def agent_tokens_revoke(*, agent: Agent, actor=None) -> int:
 
 
 def tokens_purge_expired() -> int:
-    deleted, _ = IssuedToken.objects.filter(expires_at__lt=timezone.now() - timedelta(days=1)).delete()
+    deleted, _ = IssuedToken.objects.filter(
+        expires_at__lt=timezone.now() - timedelta(days=1)
+    ).delete()
     if deleted:
         audit_record(action="expired_tokens_purged", target=f"{deleted} token(s)")
     return deleted
@@ -498,6 +506,7 @@ def connections_close(
             target=agent.agent_id if agent else f"{len(targets)} connection(s)",
             detail={"code": code},
         )
+
     def close_after_commit():
         if agent is not None and token_jti is None:
             # The agent group reaches sockets even if their Connection row is not committed yet.

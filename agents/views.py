@@ -158,9 +158,7 @@ class AgentListView(APIView):
         )
         tokens = services.tokens_issue(agent=agent)
         body = AgentProfileSerializer(profiles().get(pk=agent.pk)).data
-        return Response(
-            {**body, "agent_secret": secret, **tokens}, status=status.HTTP_201_CREATED
-        )
+        return Response({**body, "agent_secret": secret, **tokens}, status=status.HTTP_201_CREATED)
 
 
 class AgentDetailView(APIView):
@@ -238,5 +236,3 @@ class TokenRefreshView(APIView):
         serializer = TokenRefreshSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         return Response(services.tokens_refresh(raw_refresh=serializer.validated_data["refresh"]))
-
-

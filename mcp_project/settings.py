@@ -52,7 +52,7 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-DEFAULT_SECRET_KEY = "insecure-development-key-change-me"
+DEFAULT_SECRET_KEY = "insecure-development-key-change-me"  # noqa: S105  (refused in production)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY", DEFAULT_SECRET_KEY)
 DEBUG = env_bool("DJANGO_DEBUG", True)
 # Production mode turns the deploy checks in agents/checks.py into errors.
@@ -123,12 +123,14 @@ TEMPLATES = [
 # SQLite (WAL, immediate transactions) is the embedded default; DATABASE_URL selects PostgreSQL.
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(
+    DATABASES = {
+        "default": dj_database_url.parse(
             DATABASE_URL,
             # Bounded so long-lived consumers cannot pile up idle connections (PITFALLS P10).
             conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
             conn_health_checks=True,
-        )}
+        )
+    }
 else:
     DATABASES = {
         "default": {
@@ -284,7 +286,9 @@ SIMPLE_JWT = {
     "ALGORITHM": "HS256",
     "SIGNING_KEY": SIGNING_KEY,
     "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_LIFETIME", 900, minimum=5)),
-    "REFRESH_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_REFRESH_LIFETIME", 7 * 86400, minimum=60)),
+    "REFRESH_TOKEN_LIFETIME": timedelta(
+        seconds=env_int("JWT_REFRESH_LIFETIME", 7 * 86400, minimum=60)
+    ),
     "ROTATE_REFRESH_TOKENS": True,
     "BLACKLIST_AFTER_ROTATION": True,
     "UPDATE_LAST_LOGIN": False,

@@ -19,7 +19,6 @@ api = [
 ]
 
 
-
 def home(request):
     scheme = "wss" if request.is_secure() else "ws"
     return render(request, "home.html", {"ws_url": f"{scheme}://{request.get_host()}/ws/agent/"})

@@ -22,7 +22,8 @@ class Message(models.Model):
     topic = models.CharField(max_length=100, blank=True)
     payload = models.JSONField()
     # The sender's own id for the message: a repeat with the same id is the same message.
-    client_id = models.CharField(max_length=128, null=True, blank=True)
+    # NULL, not "", means "no client id": the unique constraint must ignore messages without one.
+    client_id = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
     in_reply_to = models.UUIDField(null=True, blank=True)
     recipient_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(db_index=True)

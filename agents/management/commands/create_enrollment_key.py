@@ -18,6 +18,8 @@ class Command(BaseCommand):
             raise CommandError("--expires-in must be at least 1 second")
         key, raw = services.enrollment_key_create(label=label, max_uses=uses, expires_in=expires_in)
         uses_text = "unlimited uses" if uses is None else f"{uses} use(s)"
-        expiry = f"expires {key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "no expiry"
+        expiry = (
+            f"expires {key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "no expiry"
+        )
         self.stdout.write(f"Enrollment key {key.prefix}… created: {uses_text}, {expiry}.")
         self.stdout.write(raw)
