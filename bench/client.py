@@ -25,6 +25,7 @@ _PAD = "x" * PAYLOAD_BYTES
 FAR = 1 << 62  # "never", in monotonic nanoseconds
 QUIET_S = 3.0  # a drain ends after this long without a new delivery (duration mode)
 CONNECT_TIMEOUT = 120.0
+CONNECT_ATTEMPTS = 5  # backing off 0.5, 1, 2, 4 s between them
 
 
 def payload(t: int, n: int) -> dict:
@@ -72,39 +73,62 @@ async def open_agent(target: dict, agent: dict, *, timeout: float = CONNECT_TIME
         raise
     if welcome.get("type") != "welcome":
         await ws.close()
+        if welcome.get("code") == "unavailable":
+            raise RetryLater(f"{agent['agent_id']}: {welcome.get('detail')}")
         raise RuntimeError(f"{agent['agent_id']}: expected welcome, got {welcome!r}")
     return ws
 
 
-async def open_many(
-    target: dict, agents: list[dict], *, concurrency: int, tolerate: bool = False
-) -> tuple[list, array]:
-    """Connect agents, `concurrency` handshakes at a time; return the sockets and µs each took.
+class RetryLater(Exception):
+    """The server refused the session for now (`unavailable`): an agent reconnects later."""
 
-    A connection that fails three times raises, or with `tolerate` is None in the list.
+
+class Connector:
+    """Connect agents, `concurrency` handshakes at a time, retrying the way an agent would.
+
+    `retries` counts failed attempts that were tried again; with `tolerate`, an agent that
+    fails CONNECT_ATTEMPTS times is None in the result instead of failing the run.
     """
-    gate = asyncio.Semaphore(concurrency)
-    timings = array("q", bytes(8 * len(agents)))
 
-    async def one(index: int, agent: dict):
-        async with gate:
-            started = now_ns()
-            for attempt in range(3):
-                try:
-                    ws = await open_agent(target, agent)
-                    break
-                except (OSError, InvalidHandshake, TimeoutError):
-                    # A full accept backlog refuses a burst; back off like a real agent would.
-                    if attempt == 2:
-                        if tolerate:
-                            return None
-                        raise
-                    await asyncio.sleep(0.5 * (attempt + 1))
-            timings[index] = (now_ns() - started) // 1000
-            return ws
+    def __init__(self, target: dict, *, concurrency: int, tolerate: bool = False):
+        self.target = target
+        self.gate = asyncio.Semaphore(concurrency)
+        self.tolerate = tolerate
+        self.retries = 0
+        self.errors: dict[str, int] = {}
 
-    sockets = await asyncio.gather(*(one(i, agent) for i, agent in enumerate(agents)))
-    return list(sockets), timings
+    async def open(self, agents: list[dict]) -> tuple[list, array]:
+        """Return the sockets (in order) and the µs each took to open."""
+        timings = array("q", bytes(8 * len(agents)))
+
+        async def one(index: int, agent: dict):
+            async with self.gate:
+                started = now_ns()
+                for attempt in range(CONNECT_ATTEMPTS):
+                    try:
+                        ws = await open_agent(self.target, agent)
+                        break
+                    except (
+                        OSError,
+                        InvalidHandshake,
+                        TimeoutError,
+                        ConnectionClosed,
+                        RetryLater,
+                    ) as exc:
+                        # A full accept backlog or a busy database refuses part of a burst.
+                        name = type(exc).__name__
+                        self.errors[name] = self.errors.get(name, 0) + 1
+                        if attempt == CONNECT_ATTEMPTS - 1:
+                            if self.tolerate:
+                                return None
+                            raise
+                        self.retries += 1
+                        await asyncio.sleep(0.5 * 2**attempt)
+                timings[index] = (now_ns() - started) // 1000
+                return ws
+
+        sockets = await asyncio.gather(*(one(i, agent) for i, agent in enumerate(agents)))
+        return list(sockets), timings
 
 
 async def close_all(sockets) -> None:
@@ -406,7 +430,8 @@ async def direct_worker(cfg: dict, ctl) -> dict:
     target, pairs = cfg["target"], cfg["pairs"]
     senders_agents = [sender for sender, _ in pairs]
     receiver_agents = [receiver for _, receiver in pairs]
-    sockets, _ = await open_many(target, senders_agents + receiver_agents, concurrency=50)
+    connector = Connector(target, concurrency=50)
+    sockets, _ = await connector.open(senders_agents + receiver_agents)
     rec = Recorder()
     senders = [Peer(ws, rec, window=cfg["window"]) for ws in sockets[: len(pairs)]]
     receivers = [
@@ -458,6 +483,7 @@ async def direct_worker(cfg: dict, ctl) -> dict:
         "start_ns": start_ns,
         "client_cpu_util": cpu_util,
         "drain_complete": drained,
+        "connect_retries": connector.retries,
     }
 
 
@@ -466,7 +492,8 @@ async def fanout_worker(cfg: dict, ctl) -> dict:
     target = cfg["target"]
     sender_agent = cfg.get("sender")
     agents = ([sender_agent] if sender_agent else []) + cfg["receivers"]
-    sockets, _ = await open_many(target, agents, concurrency=100)
+    connector = Connector(target, concurrency=100)
+    sockets, _ = await connector.open(agents)
     rec = Recorder()
     offset = 1 if sender_agent else 0
     sender = Peer(sockets[0], rec, window=cfg["window"]) if sender_agent else None
@@ -535,6 +562,7 @@ async def fanout_worker(cfg: dict, ctl) -> dict:
         client_cpu_util=cpu_util,
         receivers=len(receivers),
         drain_complete=drained,
+        connect_retries=connector.retries,
     )
     return result
 
@@ -543,13 +571,12 @@ async def idle_worker(cfg: dict, ctl) -> dict:
     """Connect many agents, then keep them alive with heartbeats and time the answers."""
     target, agents, warm = cfg["target"], cfg["agents"], cfg["warm"]
     rec = Recorder()
-    sockets, _ = await open_many(target, agents[:warm], concurrency=cfg["concurrency"])
+    connector = Connector(target, concurrency=cfg["concurrency"], tolerate=True)
+    sockets, _ = await connector.open(agents[:warm])
     await ctl.sync()  # warm connections open: the orchestrator reads the baseline memory
     await ctl.sync()
     connect_started = now_ns()
-    more, timings = await open_many(
-        target, agents[warm:], concurrency=cfg["concurrency"], tolerate=True
-    )
+    more, timings = await connector.open(agents[warm:])
     connect_s = (now_ns() - connect_started) / NS
     failures = sum(ws is None for ws in more)
     sockets += [ws for ws in more if ws is not None]
@@ -598,6 +625,8 @@ async def idle_worker(cfg: dict, ctl) -> dict:
         "connections": len(sockets),
         "connected_in_s": connect_s,
         "connect_failures": failures,
+        "connect_retries": connector.retries,
+        "connect_errors": connector.errors,
         "connect_latencies_us": timings.tobytes(),
         "heartbeats_sent": sent,
         "heartbeat_latencies_us": latencies.tobytes(),

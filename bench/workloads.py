@@ -175,6 +175,7 @@ def _message_figures(results: list[dict], meter: ServerMeter, span_s: float) -> 
         "drain_complete": all(r["drain_complete"] for r in results),
         "duplicates": sum(r["duplicates"] for r in results),
         "errors": _merge_counts(r["errors"] for r in results),
+        "connect_retries": sum(r.get("connect_retries", 0) for r in results),
         "server": meter.figures([r.get("client_cpu_util") for r in results]),
         "client": _client_figures(results),
     }
@@ -406,6 +407,8 @@ def measure_idle(srv: server.Server, opts) -> dict:
         "heartbeat_latency_ms": stats.latency_ms(heartbeats),
         "closed_early": sum(r["closed_early"] for r in results),
         "connect_failures": sum(r["connect_failures"] for r in results),
+        "connect_retries": sum(r["connect_retries"] for r in results),
+        "connect_errors": _merge_counts(r["connect_errors"] for r in results),
         "errors": _merge_counts(r["errors"] for r in results),
         "server": meter.figures([r.get("client_cpu_util") for r in results]),
         "client": _client_figures(results),
