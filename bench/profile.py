@@ -79,6 +79,12 @@ def _function(frame: str) -> str:
     return f"{frame[: match.start()]} ({path})"
 
 
+def _package(function: str) -> str:
+    """'Query.setup_joins (django/db/models/sql/query.py)' -> 'django'; stdlib: 'asyncio'."""
+    path = function.rsplit(" (", 1)[-1].rstrip(")")
+    return path.split("/", 1)[0].removesuffix(".py")
+
+
 # Frames every stack passes through (threads, event loop, daphne, sync/async bridges): their
 # inclusive time is just the thread's, so they are left out of the inclusive ranking.
 _PLUMBING = (
@@ -108,6 +114,7 @@ def summarize(raw: Path, top: int = 10) -> dict:
     own: Counter = Counter()
     inclusive: Counter = Counter()
     threads: Counter = Counter()
+    packages: Counter = Counter()
     total = waiting = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -126,6 +133,7 @@ def summarize(raw: Path, top: int = 10) -> dict:
             waiting += samples
             continue
         own[functions[-1]] += samples
+        packages[_package(functions[-1])] += samples
         for name in set(functions):
             if not any(part in name for part in _PLUMBING):
                 inclusive[name] += samples
@@ -141,6 +149,7 @@ def summarize(raw: Path, top: int = 10) -> dict:
         "file": str(raw),
         "waiting_percent": round(100 * waiting / total, 1) if total else None,
         "by_own_time": share(own, top) if total else [],
+        "by_package": share(packages, top) if total else [],
         "by_inclusive_time": share(inclusive, top * 2) if total else [],
         "by_thread": share(threads, 10) if total else [],
     }

@@ -82,6 +82,10 @@ def test_a_profile_summary_splits_own_and_inclusive_time(tmp_path):
         {"function": "receive (channels/consumer.py)", "percent": 80.0},
         {"function": "send (messaging/services.py)", "percent": 60.0},
     ]
+    assert summary["by_package"] == [
+        {"function": "messaging", "percent": 60.0},
+        {"function": "channels", "percent": 20.0},
+    ]
     assert summary["by_thread"] == [
         {"function": "MainThread", "percent": 60.0},
         {"function": "ThreadPoolExecutor", "percent": 40.0},
