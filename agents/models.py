@@ -43,27 +43,61 @@ class AgentQuerySet(models.QuerySet):
     def active(self):
         return self.filter(state=Agent.State.ACTIVE)
 
-    def with_open_connection(self):
-        return self.annotate(
-            has_open_connection=Exists(Connection.objects.open().filter(agent=OuterRef("pk")))
-        )
+    @staticmethod
+    def _has_open_connection():
+        return Exists(Connection.objects.open().filter(agent=OuterRef("pk")))
 
+    def with_open_connection(self):
+        return self.annotate(has_open_connection=self._has_open_connection())
+
+    # online() and offline() filter on the subquery itself rather than on the annotation, so they
+    # compose with any queryset, values() ones included, and add no column of their own.
     def online(self):
-        return self.with_open_connection().filter(
-            Q(has_open_connection=True) | Q(last_seen_at__gte=liveness_cutoff())
-        )
+        return self.filter(self._has_open_connection() | Q(last_seen_at__gte=liveness_cutoff()))
 
     def offline(self):
-        return self.with_open_connection().filter(
-            Q(has_open_connection=False)
+        return self.filter(
+            ~self._has_open_connection()
             & (Q(last_seen_at__isnull=True) | Q(last_seen_at__lt=liveness_cutoff()))
         )
 
     def with_capabilities(self, names):
+        """Keep agents that have every capability in names.
+
+        One join per name and no DISTINCT: an agent holds a name at most once
+        (capability_unique_per_agent), so no join can repeat a row, and the database may drive
+        the query from capability_name_idx.
+        """
         qs = self
         for name in names:
             qs = qs.filter(capabilities__name=name)
-        return qs.distinct() if names else qs
+        return qs
+
+    def matching(self, text: str):
+        """Keep agents whose id, name, description or a capability name contains text."""
+        # EXISTS rather than a join on capabilities: a join repeats an agent once per matching
+        # capability and would need DISTINCT over every selected column, count included.
+        return self.filter(
+            Q(agent_id__icontains=text)
+            | Q(name__icontains=text)
+            | Q(description__icontains=text)
+            | Exists(Capability.objects.filter(agent=OuterRef("pk"), name__icontains=text))
+        )
+
+    def profile_values(self):
+        """Select what a public profile shows, as dicts: no model instances, no secret digest."""
+        return self.with_open_connection().values(
+            "pk",
+            "agent_id",
+            "name",
+            "description",
+            "metadata",
+            "state",
+            "last_seen_at",
+            "created_at",
+            "updated_at",
+            "has_open_connection",
+        )
 
 
 class Agent(models.Model):
@@ -117,9 +151,19 @@ class Agent(models.Model):
             has_open_connection = getattr(self, "has_open_connection", None)
         if has_open_connection is None:
             has_open_connection = self.connections.open().exists()
-        if has_open_connection:
-            return "online"
-        if self.last_seen_at and self.last_seen_at >= liveness_cutoff():
+        return self.status_from(
+            has_open_connection=has_open_connection,
+            last_seen_at=self.last_seen_at,
+            cutoff=liveness_cutoff(),
+        )
+
+    @staticmethod
+    def status_from(*, has_open_connection: bool, last_seen_at, cutoff) -> str:
+        """Derive liveness from stored facts, for callers that hold rows rather than agents.
+
+        cutoff is liveness_cutoff(), passed in so a whole page of agents is judged at one moment.
+        """
+        if has_open_connection or (last_seen_at and last_seen_at >= cutoff):
             return "online"
         return "offline"
 

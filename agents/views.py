@@ -1,4 +1,4 @@
-from django.db.models import Prefetch, Q
+from django.db.models import Prefetch
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -22,6 +22,7 @@ from .serializers import (
     TokenObtainSerializer,
     TokenPairSerializer,
     TokenRefreshSerializer,
+    profiles_from_values,
 )
 from .throttles import RegisterThrottle, TokenThrottle
 
@@ -105,7 +106,7 @@ class AgentListView(APIView):
             # PostgreSQL cannot compare text holding NUL: refuse it rather than fail with a 500.
             if any("\x00" in value for value in request.query_params.getlist(name)):
                 raise exceptions.ValidationError({name: ["Null characters are not allowed."]})
-        queryset = profiles().active()
+        queryset = Agent.objects.active().profile_values().order_by("agent_id")
         capabilities = request.query_params.getlist("capability")
         if capabilities:
             queryset = queryset.with_capabilities(capabilities)
@@ -118,15 +119,10 @@ class AgentListView(APIView):
             raise exceptions.ValidationError({"status": ["Must be 'online' or 'offline'."]})
         text = request.query_params.get("search", "").strip()
         if text:
-            queryset = queryset.filter(
-                Q(agent_id__icontains=text)
-                | Q(name__icontains=text)
-                | Q(description__icontains=text)
-                | Q(capabilities__name__icontains=text)
-            ).distinct()
+            queryset = queryset.matching(text)
         paginator = DiscoveryPagination()
         page = paginator.paginate_queryset(queryset, request, view=self)
-        return paginator.get_paginated_response(AgentProfileSerializer(page, many=True).data)
+        return paginator.get_paginated_response(profiles_from_values(page))
 
     @extend_schema(
         request=AgentRegisterSerializer,

@@ -41,6 +41,9 @@ IF_MATCH = OpenApiParameter(
 ERRORS = {
     403: OpenApiResponse(description="Not the owner, or not allowed for this context type."),
     404: OpenApiResponse(description="No such entry, or it has expired."),
+    409: OpenApiResponse(
+        description="A keyed write would change the entry's type, or raced another write."
+    ),
     412: OpenApiResponse(description="Version mismatch; the body names current_version."),
     413: OpenApiResponse(description="Payload over the configured limit."),
     428: OpenApiResponse(description="If-Match missing."),

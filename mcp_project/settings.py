@@ -141,7 +141,15 @@ else:
                 # timeout instead of failing with "database is locked" on lock upgrade.
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 30,
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                # WAL: readers never wait for the writer. NORMAL: a commit is durable against
+                # a crash of the process, not of the machine (no fsync per commit). A larger
+                # page cache, memory-mapped reads and a longer WAL between checkpoints halved the
+                # message writer's cost per batch (bench/, direct workload).
+                "init_command": (
+                    "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                    " PRAGMA cache_size=-65536; PRAGMA mmap_size=268435456;"
+                    " PRAGMA wal_autocheckpoint=4000; PRAGMA temp_store=MEMORY;"
+                ),
             },
             # Reopening a SQLite file (and re-running the PRAGMAs) on every database call of a
             # consumer costs more than the query itself; keep connections, like PostgreSQL does.

@@ -13,10 +13,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from agents import services as agent_services
@@ -26,13 +27,17 @@ from ops import telemetry
 from security.ratelimit import TokenBucket
 from security.services import request_source
 
-from . import protocol, services
+from . import batch, protocol, services
+from .engine import engine
 from .models import Message
 
 logger = logging.getLogger(__name__)
 
-# Deliveries written to the socket are recorded in batches this often (seconds).
-DELIVERED_FLUSH_DELAY = 0.05
+# After frames arrive through the channel layer, check the mailbox this much later (seconds).
+CATCH_UP_DELAY = 0.05
+# Sends and acks of one socket waiting for their commit at most; beyond it the socket reads no
+# further frame until the oldest is answered.
+MAX_IN_FLIGHT = 64
 REPLAY_PAGE = 500
 # The database cannot be reached: the client should come back later (RFC 6455 "Try Again Later").
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -83,8 +88,8 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         self.token_jti = None
         self.pushed_seq = 0
         self.pending_requests: dict[str, tuple[str | None, asyncio.TimerHandle]] = {}
-        self._delivered: list[int] = []
-        self._flush_task = None
+        self._catch_up_task = None
+        self._in_flight = 0
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task] = set()
         # Frames with a seq are written by one coroutine at a time (channel-layer handlers and the
@@ -197,6 +202,8 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         telemetry.session_opened(self)
         async with self._push_lock:
             await self.send_json(welcome)
+            # From now on frames for this socket come straight from this process's writer.
+            engine().attach(self)
             await self._push(frames)
             if len(frames) == REPLAY_PAGE:
                 # The backlog is longer than one page: the rest follows, still oldest first.
@@ -249,12 +256,11 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         for _ref, handle in self.pending_requests.values():
             handle.cancel()
         self.pending_requests.clear()
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            self._flush_task = None
+        if self._catch_up_task is not None:
+            self._catch_up_task.cancel()
+            self._catch_up_task = None
+        engine().detach(self)
         if self.connection is not None:
-            async with self._push_lock:
-                await self._flush_delivered()
             await database_sync_to_async(agent_services.connection_closed)(
                 connection=self.connection, code=code
             )
@@ -264,22 +270,46 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None):
         raw = text_data if text_data is not None else bytes_data
-        ref = None
         try:
             frame = protocol.parse_frame(
                 raw,
                 max_frame_bytes=self.hub["MAX_FRAME_BYTES"],
                 max_payload_bytes=self.hub["MAX_PAYLOAD_BYTES"],
             )
-            ref = frame["ref"]
-            telemetry.frame_in(frame["type"])
-            if self.agent is None:
-                await self._receive_unauthenticated(frame)
-                return
-            if not await self._admit(ref):
-                return
-            await self._seen()
-            await getattr(self, "frame_" + frame["type"])(frame)
+        except protocol.ProtocolError as exc:
+            await self.send_json(exc.frame())
+            return
+        telemetry.frame_in(frame["type"])
+        await self._answering(frame["ref"], self._handle(frame))
+
+    async def _handle(self, frame):
+        if self.agent is None:
+            await self._receive_unauthenticated(frame)
+            return
+        if not await self._admit(frame["ref"]):
+            return
+        await self._seen()
+        await getattr(self, "frame_" + frame["type"])(frame)
+
+    def _answer_later(self, ref, coroutine) -> None:
+        """Answer a frame once its commit is done, while this socket reads the next frames."""
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._answering(ref, coroutine))
+        self._tasks.add(task)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task) -> None:
+        self._in_flight -= 1
+        self._tasks.discard(task)
+
+    async def _wait_for_room(self) -> None:
+        while self._in_flight >= MAX_IN_FLIGHT and self._tasks:
+            await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _answering(self, ref, coroutine) -> None:
+        """Await a frame's work; every failure becomes an error frame and the socket lives on."""
+        try:
+            await coroutine
         except protocol.ProtocolError as exc:
             await self.send_json(exc.frame())
         except agent_services.HubError as exc:
@@ -357,14 +387,25 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             protocol.heartbeat_ack_frame(ref=frame["ref"], server_time=timezone.now())
         )
 
-    async def _accept(self, frame, **kwargs):
-        accepted = await database_sync_to_async(services.message_send)(
-            sender=self.agent,
-            payload=frame["payload"],
-            client_id=frame.get("client_id"),
-            ttl=frame.get("ttl"),
-            **kwargs,
+    def _submit(self, frame, **kwargs) -> asyncio.Future:
+        return engine().send(
+            batch.Outgoing(
+                sender=self.agent,
+                payload=frame["payload"],
+                client_id=frame.get("client_id"),
+                ttl=frame.get("ttl"),
+                source=request_source.get(),
+                **kwargs,
+            )
         )
+
+    async def _accept_later(self, frame, **kwargs):
+        """Queue a send for the next commit and read on; `accepted` follows the commit."""
+        await self._wait_for_room()
+        self._answer_later(frame["ref"], self._accepted(frame, self._submit(frame, **kwargs)))
+
+    async def _accepted(self, frame, future):
+        accepted = await future
         await self.send_json(
             protocol.accepted_frame(
                 ref=frame["ref"],
@@ -377,13 +418,13 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         return accepted
 
     async def frame_send(self, frame):
-        await self._accept(frame, kind=Message.Kind.DIRECT, to=frame["to"])
+        await self._accept_later(frame, kind=Message.Kind.DIRECT, to=frame["to"])
 
     async def frame_broadcast(self, frame):
-        await self._accept(frame, kind=Message.Kind.BROADCAST)
+        await self._accept_later(frame, kind=Message.Kind.BROADCAST)
 
     async def frame_publish(self, frame):
-        await self._accept(frame, kind=Message.Kind.TOPIC, topic=frame["topic"])
+        await self._accept_later(frame, kind=Message.Kind.TOPIC, topic=frame["topic"])
 
     async def frame_subscribe(self, frame):
         topic = frame["topic"]
@@ -402,8 +443,10 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         recipient = await database_sync_to_async(services.request_recipient)(
             requester=self.agent, to=frame["to"], capability=frame["capability"]
         )
-        accepted = await self._accept(
-            {**frame, "ttl": timeout}, kind=Message.Kind.REQUEST, to=recipient
+        # Awaited here, not later: the timer must be set before this socket handles a response.
+        request = {**frame, "ttl": timeout}
+        accepted = await self._accepted(
+            request, self._submit(request, kind=Message.Kind.REQUEST, to=recipient)
         )
         message_id = str(accepted.message_id)
         previous = self.pending_requests.pop(message_id, None)
@@ -430,34 +473,61 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         )
 
     async def frame_ack(self, frame):
-        acked = await database_sync_to_async(services.deliveries_ack)(
-            recipient=self.agent, message_ids=frame["message_ids"], up_to_seq=frame["up_to_seq"]
+        await self._wait_for_room()
+        ack = batch.Ack(
+            self.agent.pk, frame["message_ids"], frame["up_to_seq"], answer=frame["ref"] is not None
         )
-        if frame["ref"] is not None:
-            await self.send_json({"type": "acked", "ref": frame["ref"], "acked": acked})
+        self._answer_later(frame["ref"], self._acked(frame["ref"], engine().ack(ack)))
+
+    async def _acked(self, ref, future):
+        acked = await future
+        if ref is not None:
+            await self.send_json({"type": "acked", "ref": ref, "acked": acked})
 
     # --- Events from the channel layer --------------------------------------------------------
 
     async def dispatch(self, message):
         """Handle one event; a failing channel-layer handler is logged and the socket lives on.
 
+        Channels' own dispatch first runs close_old_connections in the database thread: a thread
+        hop per frame that queues behind whatever that thread is doing (here, the batch writer),
+        so each socket read one frame per commit. Every database call of this consumer goes
+        through database_sync_to_async, which closes stale connections itself (PITFALLS P10).
+
         Channels closes the socket on any exception from a handler (PITFALLS P5). For client
         frames `receive` already answers errors; for hub events there is nobody to answer, and
         whatever the event was about is in the database.
         """
-        if message.get("type", "").startswith("websocket."):
-            await super().dispatch(message)
+        handler = getattr(self, get_handler_name(message), None)
+        if message["type"].startswith("websocket."):
+            await handler(message)
             return
         try:
-            await super().dispatch(message)
+            if handler is None:
+                raise ValueError(f"no handler for {message['type']!r}")
+            await handler(message)
         except Exception:
             logger.exception(
                 "channel layer event failed", extra={"event_type": str(message.get("type"))[:100]}
             )
 
     async def hub_deliver(self, event):
+        await self._deliver(event["frames"])
+        # A burst beyond the layer's capacity loses its newest nudges, and no later nudge shows
+        # the gap: once the burst is written, ask the mailbox what else there is.
+        if self._catch_up_task is None:
+            self._catch_up_task = asyncio.ensure_future(self._catch_up_after_delay())
+
+    def deliver_local(self, frames) -> None:
+        """Take frames from this process's writer, which hands them over after the commit."""
+        task = asyncio.ensure_future(self._guarded(self._deliver(frames)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, frames):
+        written = []
         async with self._push_lock:
-            for frame in event["frames"]:
+            for frame in frames:
                 seq = frame["seq"]
                 if seq <= self.pushed_seq:
                     continue  # already sent by a replay
@@ -467,8 +537,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
                     continue
                 await self.send_json(frame)
                 self.pushed_seq = seq
-                self._delivered.append(seq)
-        self._schedule_flush()
+                written.append(seq)
+        if written:
+            engine().mark_delivered(self.agent.pk, written)
 
     async def hub_replay(self, event):
         """Send queued and due unacknowledged messages again (the redelivery sweep asked)."""
@@ -498,7 +569,6 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
 
     async def _replay(self, *, after_seq: int, delivered_before=None):
         """Push pending rows after a seq in pages, oldest first (hold the push lock)."""
-        await self._flush_delivered()
         cursor = after_seq
         while True:
             frames = await database_sync_to_async(services.pending_frames)(
@@ -542,37 +612,18 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             return
         await self._close(code, "connection closed by the hub")
 
-    # --- Delivered bookkeeping ------------------------------------------------------------------
+    # --- Catching up ---------------------------------------------------------------------------
 
-    def _schedule_flush(self):
-        if self._delivered and self._flush_task is None:
-            self._flush_task = asyncio.ensure_future(self._flush_after_delay())
-
-    async def _flush_after_delay(self):
+    async def _catch_up_after_delay(self):
         try:
-            await asyncio.sleep(DELIVERED_FLUSH_DELAY)
+            await asyncio.sleep(CATCH_UP_DELAY)
             async with self._push_lock:
-                self._flush_task = None
-                await self._flush_delivered()
-                # A burst beyond the layer's capacity loses its newest nudges, and no later nudge
-                # shows the gap: once the burst is written, ask the mailbox what else there is.
+                self._catch_up_task = None
                 await self._catch_up()
         except TRANSIENT_DATABASE_ERRORS:
             logger.warning("could not catch up from the database", exc_info=True)
         except Exception:
-            logger.exception("delivered flush failed")
-
-    async def _flush_delivered(self):
-        if not self._delivered:
-            return
-        seqs, self._delivered = self._delivered, []
-        try:
-            await database_sync_to_async(services.deliveries_mark_delivered)(
-                recipient_id=self.agent.pk, seqs=seqs
-            )
-        except DatabaseError:
-            # The rows stay queued and are replayed: at least once, never lost.
-            logger.warning("could not record deliveries", exc_info=True)
+            logger.exception("catching up failed")
 
     # --- JSON ---------------------------------------------------------------------------------
 

@@ -17,7 +17,10 @@ class Message(models.Model):
         REPLY = "reply"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    sender = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="sent_messages")
+    # No index of its own: message_sender_idx starts with the sender (every index costs each send).
+    sender = models.ForeignKey(
+        Agent, on_delete=models.PROTECT, related_name="sent_messages", db_index=False
+    )
     kind = models.CharField(max_length=10, choices=Kind.choices)
     topic = models.CharField(max_length=100, blank=True)
     payload = models.JSONField()
@@ -65,8 +68,14 @@ class Delivery(models.Model):
 
     PENDING = (Status.QUEUED, Status.DELIVERED)
 
-    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries")
-    recipient = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="deliveries")
+    # No indexes of their own: delivery_once starts with the message, delivery_seq_unique with
+    # the recipient (every index costs each send).
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, related_name="deliveries", db_index=False
+    )
+    recipient = models.ForeignKey(
+        Agent, on_delete=models.CASCADE, related_name="deliveries", db_index=False
+    )
     seq = models.BigIntegerField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     attempts = models.PositiveIntegerField(default=0)

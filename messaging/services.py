@@ -79,13 +79,14 @@ def _chunks(items, size=CHUNK):
         yield items[start : start + size]
 
 
-def _next_seqs(recipient_ids: list[int]) -> dict[int, int]:
-    """Take the next sequence number of each recipient's mailbox, inside the caller's transaction.
+def _next_seqs(counts: dict[int, int]) -> dict[int, int]:
+    """Reserve counts[r] sequence numbers in each recipient's mailbox; return the last of each.
 
-    Rows are locked in primary-key order, so concurrent fan-outs cannot deadlock; the lock is
-    held until commit, so per-recipient commit order equals sequence order.
+    Runs inside the caller's transaction. Rows are locked in primary-key order, so concurrent
+    writers cannot deadlock; the lock is held until commit, so per-recipient commit order equals
+    sequence order.
     """
-    ids = sorted(recipient_ids)
+    ids = sorted(counts)
     for chunk in _chunks(ids):
         locked = set(
             Mailbox.objects.select_for_update()
@@ -104,7 +105,13 @@ def _next_seqs(recipient_ids: list[int]) -> dict[int, int]:
                 .order_by("agent_id")
                 .values_list("agent_id", flat=True)
             )
-        Mailbox.objects.filter(agent_id__in=chunk).update(last_seq=F("last_seq") + 1)
+        by_increment: dict[int, list[int]] = {}
+        for agent_id in chunk:
+            by_increment.setdefault(counts[agent_id], []).append(agent_id)
+        for increment, agent_ids in by_increment.items():
+            Mailbox.objects.filter(agent_id__in=agent_ids).update(
+                last_seq=F("last_seq") + increment
+            )
     seqs = {}
     for chunk in _chunks(ids):
         seqs.update(Mailbox.objects.filter(agent_id__in=chunk).values_list("agent_id", "last_seq"))
@@ -125,7 +132,7 @@ def _connected(recipient_ids) -> set[int]:
     return connected
 
 
-def _duplicate_of(sender: Agent, client_id: str) -> Accepted | None:
+def duplicate_of(sender: Agent, client_id: str) -> Accepted | None:
     message = Message.objects.filter(sender=sender, client_id=client_id).first()
     if message is None:
         return None
@@ -137,7 +144,7 @@ def _duplicate_of(sender: Agent, client_id: str) -> Accepted | None:
     return Accepted(message.id, status, message.recipient_count, duplicate=True)
 
 
-def _recipients(*, sender: Agent, kind: str, to: str | None, topic: str | None) -> list[int]:
+def recipients_of(*, sender: Agent, kind: str, to: str | None, topic: str | None) -> list[int]:
     if kind in (Message.Kind.DIRECT, Message.Kind.REQUEST):
         agent_pk = Agent.objects.active().filter(agent_id=to).values_list("pk", flat=True).first()
         if agent_pk is None:
@@ -154,7 +161,7 @@ def _recipients(*, sender: Agent, kind: str, to: str | None, topic: str | None) 
     )
 
 
-def _authorize_send(*, sender: Agent, kind: str, to: str | None, topic: str | None) -> None:
+def authorize_send(*, sender: Agent, kind: str, to: str | None, topic: str | None) -> None:
     if kind == Message.Kind.BROADCAST:
         access_check(agent=sender, action=AccessPolicy.Action.BROADCAST, target="*")
     elif kind == Message.Kind.TOPIC:
@@ -177,10 +184,10 @@ def message_send(
 
     A repeat of a client id answers the first message with duplicate=True and delivers nothing.
     """
-    if client_id is not None and (duplicate := _duplicate_of(sender, client_id)):
+    if client_id is not None and (duplicate := duplicate_of(sender, client_id)):
         return duplicate
-    _authorize_send(sender=sender, kind=kind, to=to, topic=topic)
-    recipient_ids = _recipients(sender=sender, kind=kind, to=to, topic=topic)
+    authorize_send(sender=sender, kind=kind, to=to, topic=topic)
+    recipient_ids = recipients_of(sender=sender, kind=kind, to=to, topic=topic)
     now = timezone.now()
     expires_at = now + timedelta(seconds=ttl) if ttl else None
     message = Message(
@@ -196,7 +203,7 @@ def message_send(
     try:
         with transaction.atomic():
             message.save(force_insert=True)
-            seqs = _next_seqs(recipient_ids)
+            seqs = _next_seqs(dict.fromkeys(recipient_ids, 1))
             Delivery.objects.bulk_create(
                 [
                     Delivery(
@@ -225,7 +232,7 @@ def message_send(
             transaction.on_commit(lambda: live.notify_deliveries(frames))
     except IntegrityError:
         # Two sends with one client id raced past the first check: the loser answers the winner.
-        if client_id is not None and (duplicate := _duplicate_of(sender, client_id)):
+        if client_id is not None and (duplicate := duplicate_of(sender, client_id)):
             return duplicate
         raise
     status = "delivered" if len(connected) == len(recipient_ids) else "queued"

@@ -257,3 +257,94 @@ def test_it_answers_404_for_a_deregistered_agent(as_agent, cast):
 
 def test_reading_a_profile_requires_authentication(api, cast):
     assert api.get(f"{URL}bob/").status_code == 401
+
+
+@pytest.mark.parametrize("page_size", [1, 25, 500])
+@pytest.mark.parametrize(
+    "query",
+    [{}, {"capability": "ocr"}, {"status": "online"}, {"search": "skill"}],
+    ids=["all", "capability", "status", "search"],
+)
+def test_a_discovery_page_costs_four_queries_whatever_its_size(
+    as_agent, make_agent, django_assert_num_queries, page_size, query
+):
+    viewer = make_agent("viewer")
+    for n in range(30):
+        worker = make_agent(f"worker-{n:02}", capabilities=["ocr", f"skill-{n}"])
+        open_connection(worker)
+    Agent.objects.filter(agent_id="viewer").update(last_seen_at=None)
+    client = as_agent(viewer)
+    # Authentication, count, page, and the capabilities of the whole page.
+    with django_assert_num_queries(4):
+        response = client.get(URL, {**query, "limit": page_size})
+    matches = 30 if query else 31  # every filter leaves out the viewer
+    assert len(ids(response)) == min(page_size, matches)
+    assert response.json()["count"] == matches
+
+
+def test_a_discovery_page_reads_no_secret_and_counts_without_distinct(
+    as_agent, make_agent, django_assert_num_queries
+):
+    viewer = make_agent("viewer")
+    make_agent("multi", capabilities=["pdf-read", "pdf-write"])
+    client = as_agent(viewer)
+    with django_assert_num_queries(4) as captured:
+        response = client.get(URL, {"search": "pdf", "capability": "pdf-read"})
+    assert ids(response) == ["multi"] and response.json()["count"] == 1
+    # The first query is authentication, which loads the caller itself.
+    discovery = [query["sql"] for query in captured.captured_queries[1:]]
+    # DISTINCT over whole rows (JSON metadata included) made every count a sort of the matches.
+    assert not any("DISTINCT" in sql.upper() for sql in discovery)
+    assert not any("secret_digest" in sql for sql in discovery)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata"])
+def test_discovery_renders_profiles_as_the_profile_endpoint_does(as_agent, make_agent, zone):
+    from agents.serializers import AgentProfileSerializer
+    from agents.views import profiles
+
+    viewer = make_agent("viewer")
+    rich = make_agent(
+        "rich",
+        name="Rich Ünicode",
+        description="Reads <everything>.",
+        metadata={"region": "eu", "weights": [1.5, 2], "nested": {"ok": True, "none": None}},
+    )
+    services.agent_update(
+        agent=rich.agent,
+        capabilities=[
+            {"name": "zeta", "version": "2.1", "description": "last by name"},
+            {"name": "alpha", "version": "", "description": "first by name"},
+        ],
+    )
+    services.agent_touch(agent=rich.agent)
+    open_connection(rich)
+    Agent.objects.filter(agent_id="viewer").update(last_seen_at=None)
+    with timezone.override(zone):
+        response = as_agent(viewer).get(URL)
+        expected = AgentProfileSerializer(profiles().active(), many=True).data
+    assert response.status_code == 200
+    assert response.json()["results"] == expected
+    assert [p["status"] for p in expected] == ["online", "offline"]
+
+
+@pytest.mark.parametrize(
+    ("has_open_connection", "seen_seconds_ago", "expected"),
+    [
+        (True, None, "online"),
+        (True, 3600, "online"),
+        (False, 10, "online"),
+        (False, 3600, "offline"),
+        (False, None, "offline"),
+    ],
+)
+def test_status_is_derived_from_connection_and_last_sign_of_life(
+    has_open_connection, seen_seconds_ago, expected
+):
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=90)
+    seen = now - timedelta(seconds=seen_seconds_ago) if seen_seconds_ago is not None else None
+    status = Agent.status_from(
+        has_open_connection=has_open_connection, last_seen_at=seen, cutoff=cutoff
+    )
+    assert status == expected

@@ -1,0 +1,135 @@
+"""Group commit: the sends, acks and delivered marks of many sockets stored in one transaction."""
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+
+from messaging import batch
+from messaging.engine import engine
+from messaging.models import Delivery, Message
+from messaging.services import Accepted, UnknownRecipient
+
+from .conftest import connect, receive, receive_messages
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def outgoing(sender, to, payload, **fields) -> batch.Outgoing:
+    return batch.Outgoing(
+        sender=sender.agent, kind=Message.Kind.DIRECT, payload=payload, to=to, **fields
+    )
+
+
+def inbox(credentials) -> list[tuple]:
+    rows = Delivery.objects.filter(recipient=credentials.agent).order_by("seq")
+    return list(rows.values_list("seq", "message__payload", "status"))
+
+
+def test_a_batch_numbers_each_recipients_messages_in_batch_order(alice, bob, carol):
+    sends = [
+        outgoing(alice, "bob", "a1"),
+        outgoing(carol, "bob", "c1"),
+        outgoing(alice, "carol", "a2"),
+        outgoing(bob, "bob", "b1"),
+    ]
+    result = batch.write_batch(sends, [], {})
+    assert all(isinstance(accepted, Accepted) for accepted in result.sends)
+    assert [accepted.status for accepted in result.sends] == ["queued"] * 4  # nobody connected
+    assert inbox(bob) == [(1, "a1", "queued"), (2, "c1", "queued"), (3, "b1", "queued")]
+    assert inbox(carol) == [(1, "a2", "queued")]
+    batch.write_batch([outgoing(carol, "bob", "c2")], [], {})
+    assert inbox(bob)[-1] == (4, "c2", "queued")
+
+
+def test_a_refusal_stays_with_its_send_and_the_rest_are_stored(alice, bob):
+    sends = [outgoing(alice, "bob", 1), outgoing(alice, "nobody", 2), outgoing(alice, "bob", 3)]
+    result = batch.write_batch(sends, [], {})
+    assert isinstance(result.sends[0], Accepted) and isinstance(result.sends[2], Accepted)
+    assert isinstance(result.sends[1], UnknownRecipient)
+    assert [payload for _, payload, _ in inbox(bob)] == [1, 3]
+    assert Message.objects.count() == 2
+
+
+def test_a_client_id_repeated_in_a_batch_or_after_it_is_stored_once(alice, bob):
+    first, again = batch.write_batch(
+        [outgoing(alice, "bob", "a", client_id="x"), outgoing(alice, "bob", "b", client_id="x")],
+        [],
+        {},
+    ).sends
+    assert not first.duplicate and again.duplicate
+    assert again.message_id == first.message_id
+    [later] = batch.write_batch([outgoing(alice, "bob", "c", client_id="x")], [], {}).sends
+    assert later.duplicate and later.message_id == first.message_id
+    assert [payload for _, payload, _ in inbox(bob)] == ["a"]
+
+
+def test_a_client_id_committed_by_another_writer_meanwhile_answers_a_duplicate(
+    alice, bob, monkeypatch
+):
+    [first] = batch.write_batch([outgoing(alice, "bob", "a", client_id="x")], [], {}).sends
+    # Another server commits the same client id between this writer's check and its insert.
+    monkeypatch.setattr(batch, "_known_duplicates", lambda sends, results: None)
+    repeat, other = batch.write_batch(
+        [outgoing(alice, "bob", "b", client_id="x"), outgoing(alice, "bob", "c")], [], {}
+    ).sends
+    assert repeat.duplicate and repeat.message_id == first.message_id
+    assert not other.duplicate
+    assert [payload for _, payload, _ in inbox(bob)] == ["a", "c"]
+
+
+def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob):
+    sent = batch.write_batch([outgoing(alice, "bob", n) for n in range(4)], [], {}).sends
+    acks = [
+        batch.Ack(bob.agent.pk, up_to_seq=2),
+        batch.Ack(bob.agent.pk, message_ids=[sent[3].message_id]),
+        batch.Ack(bob.agent.pk, up_to_seq=4, answer=False),
+    ]
+    result = batch.write_batch([], acks[:2], {bob.agent.pk: [3]})
+    assert result.acks == [2, 1]
+    assert [status for _, _, status in inbox(bob)] == ["acked", "acked", "delivered", "acked"]
+    assert Delivery.objects.get(recipient=bob.agent, seq=3).attempts == 1
+    assert batch.write_batch([], acks[2:], {}).acks == [None]
+    assert [status for _, _, status in inbox(bob)] == ["acked"] * 4
+
+
+async def test_sends_queued_together_are_stored_in_one_transaction(alice, bob):
+    writer = engine()
+    futures = [writer.send(outgoing(alice, "bob", n)) for n in range(20)]
+    accepted = await asyncio.gather(*futures)
+    assert writer.batches_written == 1
+    assert len({a.message_id for a in accepted}) == 20
+    rows = await database_sync_to_async(inbox)(bob)
+    assert [(seq, payload) for seq, payload, _ in rows] == [(n + 1, n) for n in range(20)]
+
+
+async def test_a_socket_reads_on_while_its_send_waits_for_the_database(alice, locked_database):
+    a, _ = await connect(alice)
+    await locked_database.hold()
+    await a.send_json_to({"type": "send", "to": "alice", "payload": 1, "ref": "s1"})
+    await a.send_json_to({"type": "heartbeat", "ref": "h1"})
+    # The heartbeat is answered while the send still waits for the locked database.
+    assert (await receive(a))["ref"] == "h1"
+    answer = await receive(a)
+    assert answer["ref"] == "s1" and answer["type"] == "error" and answer["code"] == "unavailable"
+    locked_database.release()
+    await a.disconnect()
+
+
+async def test_a_recipient_on_this_process_gets_its_frames_without_the_channel_layer(
+    alice, bob, monkeypatch
+):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+
+    async def unreachable(*args, **kwargs):
+        raise ConnectionError("the channel layer is down")
+
+    monkeypatch.setattr(get_channel_layer(), "group_send", unreachable)
+    for n in range(3):
+        await a.send_json_to({"type": "send", "to": "bob", "payload": n})
+    frames = await receive_messages(b, 3, timeout=2)
+    assert [frame["payload"] for frame in frames] == [0, 1, 2]
+    await a.disconnect()
+    await b.disconnect()
