@@ -106,3 +106,21 @@ def test_a_short_direct_run_against_the_reference_delivers_everything_it_accepte
     assert figures["accepted_total"] == figures["sent_total"] == figures["delivered_total"]
     assert figures["latency_ms"]["p99"] is not None
     assert figures["client"]["procs"] == 2
+
+
+def test_the_comparison_marks_a_figure_that_got_worse_beyond_the_tolerance():
+    from bench import compare
+
+    def run(hub_rate, hub_p99):
+        return {
+            "reference": {"delivered_per_s": 1000.0, "latency_ms": {"p99": 2.0}},
+            "hub": {"delivered_per_s": hub_rate, "latency_ms": {"p99": hub_p99}},
+        }
+
+    before = {"runs": {"direct-sqlite": run(100.0, 50.0)}}
+    after = {"runs": {"direct-sqlite": run(85.0, 40.0)}}
+    table = {row[2]: row for row in compare.rows(before, after, tolerance=0.10)}
+    assert table["delivered_per_s"][6] == "85 ⚠"  # 15% fewer: worse than the tolerance
+    assert table["latency_ms.p99"][6] == "40"  # lower latency is better: no mark
+    assert table["delivered_per_s"][7:] == ["0.1", "0.085"]
+    assert "| direct | sqlite | delivered_per_s |" in compare.markdown(list(table.values()))
