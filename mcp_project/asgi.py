@@ -16,7 +16,7 @@ from agents.checks import refuse_unsafe_production  # noqa: E402
 refuse_unsafe_production()
 
 from messaging.routing import websocket_urlpatterns  # noqa: E402
-from ops import shutdown  # noqa: E402
+from ops import lean_server, shutdown  # noqa: E402
 from security import server as server_hardening  # noqa: E402
 
 # Under daphne: on SIGTERM close every agent socket with 1012 before exiting (ops/shutdown.py).
@@ -24,6 +24,9 @@ shutdown.install()
 # Under daphne: oversized frames close with 1009, and no credential in a query string reaches the
 # access log (security/server.py).
 server_hardening.install()
+# Under daphne: about 5 KB less per socket, from the application's input queue and autobahn's
+# per-socket copies of its options (ops/lean_server.py).
+lean_server.install()
 
 application = ProtocolTypeRouter(
     {

@@ -6,6 +6,7 @@ database's own work (about 1 ms per UPDATE against tens of microseconds of SQLit
 """
 
 import json
+import os
 import uuid
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -121,6 +122,8 @@ class _Statements:
             f"UPDATE {self.delivery} SET status = '{Delivery.Status.ACKED}', acked_at = %s"
             f" WHERE recipient_id = %s AND {self.pending} AND message_id IN ("
         )
+        self.touch_connections = f"UPDATE {connection_table} SET last_seen_at = %s WHERE id IN ("
+        self.touch_agents = f"UPDATE {agent} SET last_seen_at = %s WHERE id IN ("
         self.mark_delivered = (
             f"UPDATE {self.delivery} SET status = '{Delivery.Status.DELIVERED}',"
             " delivered_at = %s, attempts = attempts + 1"
@@ -228,6 +231,12 @@ def _select_in(cursor, head: str, values) -> list[tuple]:
     return rows
 
 
+def _new_ids(count: int) -> list[uuid.UUID]:
+    """Random (version 4) UUIDs from one read of the system's random source, not one per id."""
+    raw = os.urandom(16 * count)
+    return [uuid.UUID(bytes=raw[at : at + 16], version=4) for at in range(0, 16 * count, 16)]
+
+
 def _json(payload) -> str:
     try:
         return orjson.dumps(payload).decode()
@@ -322,9 +331,11 @@ def _store(cursor, sql: _Statements, sends, recipients, results, frames) -> dict
     now = timezone.now()
     stored_now = connection.ops.adapt_datetimefield_value(now)
     message_rows, counts, ids, expiries = [], {}, {}, {}
-    for index, recipient_ids in recipients.items():
+    for (index, recipient_ids), message_id in zip(
+        recipients.items(), _new_ids(len(recipients)), strict=True
+    ):
         send = sends[index]
-        ids[index] = message_id = uuid.uuid4()
+        ids[index] = message_id
         expires_at = now + timedelta(seconds=send.ttl) if send.ttl else None
         expiries[index] = connection.ops.adapt_datetimefield_value(expires_at)
         message_rows.append(
@@ -412,8 +423,24 @@ def _mark_delivered(cursor, sql: _Statements, marks: dict[int, list[int]], now) 
         sql.mark(cursor, now, rows)
 
 
-def write_batch(sends: list[Outgoing], acks: list[Ack], marks: dict[int, list[int]]) -> BatchResult:
-    """Store many sends, acks and delivered marks in one transaction (group commit).
+def _touch(cursor, sql: _Statements, touches: dict[int, int], now) -> None:
+    """Record that these connections (and their agents) showed signs of life."""
+    for head, ids in (
+        (sql.touch_connections, sorted(touches)),
+        (sql.touch_agents, sorted(set(touches.values()))),
+    ):
+        for chunk in _chunks(ids):
+            cursor.execute(head + _placeholders(len(chunk)) + ")", (now, *chunk))
+
+
+def write_batch(
+    sends: list[Outgoing],
+    acks: list[Ack],
+    marks: dict[int, list[int]],
+    touches: dict[int, int] | None = None,
+) -> BatchResult:
+    """Store many sends, acks, delivered marks and liveness touches (connection id: agent id)
+    in one transaction (group commit).
 
     A refusal stays with its send; a repeated client id answers the first message. A unique-
     constraint race with another process (one client id sent through two servers at once) falls
@@ -435,8 +462,10 @@ def write_batch(sends: list[Outgoing], acks: list[Ack], marks: dict[int, list[in
                 acked = _settle_acks(cursor, sql, acks, now)
                 if marks:
                     _mark_delivered(cursor, sql, marks, now)
+                if touches:
+                    _touch(cursor, sql, touches, now)
         except IntegrityError:
-            return _write_one_by_one(sends, acks, marks)
+            return _write_one_by_one(sends, acks, marks, touches)
     for index, result in enumerate(results):
         if isinstance(result, int):  # a repeat, within this batch, of an earlier send's id
             first = results[result]
@@ -453,7 +482,7 @@ def write_batch(sends: list[Outgoing], acks: list[Ack], marks: dict[int, list[in
     return BatchResult(results, acked, frames, channels)
 
 
-def _write_one_by_one(sends, acks, marks) -> BatchResult:
+def _write_one_by_one(sends, acks, marks, touches) -> BatchResult:
     results = []
     for send in sends:
         request_source.set(send.source)
@@ -476,5 +505,7 @@ def _write_one_by_one(sends, acks, marks) -> BatchResult:
         now = connection.ops.adapt_datetimefield_value(timezone.now())
         acked = _settle_acks(cursor, sql, acks, now)
         _mark_delivered(cursor, sql, marks, now)
+        if touches:
+            _touch(cursor, sql, touches, now)
     # message_send nudged its recipients through the channel layer already.
     return BatchResult(results, acked, {}, {})

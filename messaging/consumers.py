@@ -236,8 +236,13 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         # a send in flight now is in the backlog; a later one sees this socket and nudges it. So
         # every seq up to here arrives with the backlog, and every later one by a nudge.
         self.pushed_seq = services.mailbox_last_seq(recipient=self.agent, settle=True)
-        pending = services.pending_count(recipient=self.agent)
         frames = services.pending_frames(recipient=self.agent, limit=REPLAY_PAGE)
+        # The first page is the whole backlog unless it is full: count only a longer one.
+        pending = (
+            len(frames)
+            if len(frames) < REPLAY_PAGE
+            else services.pending_count(recipient=self.agent)
+        )
         welcome = protocol.welcome_frame(
             agent_id=self.agent.agent_id,
             session_id=self.connection.session_id,
@@ -371,7 +376,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         now = time.monotonic()
         if now - self._last_touch >= self.hub["HEARTBEAT_INTERVAL"] / 2:
             self._last_touch = now
-            await database_sync_to_async(agent_services.connection_seen)(connection=self.connection)
+            engine().touch(self.connection.pk, self.agent.pk)
         if now - self._last_group_join >= self.hub["GROUP_REFRESH_SECONDS"]:
             # channels-redis forgets group members after group_expiry (PITFALLS P3).
             self._last_group_join = now

@@ -29,6 +29,7 @@ class Engine:
         self._sends: list[tuple[batch.Outgoing, asyncio.Future]] = []
         self._acks: list[tuple[batch.Ack, asyncio.Future]] = []
         self._marks: dict[int, list[int]] = {}
+        self._touches: dict[int, int] = {}
         self._writer: asyncio.Task | None = None
         self.batches_written = 0
         # The sockets of this process with an agent session, by channel name.
@@ -62,6 +63,11 @@ class Engine:
         self._marks.setdefault(recipient_id, []).extend(seqs)
         self._wake()
 
+    def touch(self, connection_id: int, agent_id: int) -> None:
+        """Record, with the next batch, that a connection and its agent showed signs of life."""
+        self._touches[connection_id] = agent_id
+        self._wake()
+
     # --- The writer ---------------------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -70,23 +76,25 @@ class Engine:
 
     async def _write_while_queued(self) -> None:
         try:
-            while self._sends or self._acks or self._marks:
+            while self._sends or self._acks or self._marks or self._touches:
                 sends = self._sends[:MAX_BATCH_SENDS]
                 del self._sends[:MAX_BATCH_SENDS]
                 acks, self._acks = self._acks, []
                 marks, self._marks = self._marks, {}
-                await self._write(sends, acks, marks)
+                touches, self._touches = self._touches, {}
+                await self._write(sends, acks, marks, touches)
         finally:
             self._writer = None
 
-    async def _write(self, sends, acks, marks) -> None:
+    async def _write(self, sends, acks, marks, touches) -> None:
         try:
             result = await database_sync_to_async(batch.write_batch)(
-                [outgoing for outgoing, _ in sends], [ack for ack, _ in acks], marks
+                [outgoing for outgoing, _ in sends], [ack for ack, _ in acks], marks, touches
             )
         except Exception as exc:
             # Nothing of the batch was stored: every waiter hears why (delivered marks are lost,
-            # so those rows stay queued and are replayed: at least once, never lost).
+            # so those rows stay queued and are replayed: at least once, never lost; a lost
+            # touch is made again by a later frame).
             logger.warning("a batch could not be stored", exc_info=exc)
             for _, future in sends + acks:
                 if not future.done():

@@ -1,17 +1,21 @@
 """Group commit: the sends, acks and delivered marks of many sockets stored in one transaction."""
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.utils import timezone
 
+from agents import services as agent_services
+from agents.models import Agent, Connection
 from messaging import batch
 from messaging.engine import engine
 from messaging.models import Delivery, Message
 from messaging.services import Accepted, UnknownRecipient
 
-from .conftest import connect, receive, receive_messages
+from .conftest import connect, receive, receive_messages, request
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -133,3 +137,40 @@ async def test_a_recipient_on_this_process_gets_its_frames_without_the_channel_l
     assert [frame["payload"] for frame in frames] == [0, 1, 2]
     await a.disconnect()
     await b.disconnect()
+
+
+def test_liveness_touches_are_written_with_the_batch(alice, bob):
+    long_ago = timezone.now() - timedelta(hours=1)
+    connection = agent_services.connection_open(
+        agent=alice.agent, channel_name="c.1", server="s", remote_addr="", user_agent=""
+    )
+    Connection.objects.update(last_seen_at=long_ago)
+    Agent.objects.update(last_seen_at=long_ago)
+    batch.write_batch([], [], {}, {connection.pk: alice.agent.pk})
+    assert Connection.objects.get(pk=connection.pk).last_seen_at > long_ago
+    assert Agent.objects.get(pk=alice.agent.pk).last_seen_at > long_ago
+    assert Agent.objects.get(pk=bob.agent.pk).last_seen_at == long_ago
+
+
+async def test_a_frame_on_a_socket_marks_its_connection_and_agent_alive(alice, hub_settings):
+    hub_settings(HEARTBEAT_INTERVAL=0)  # every frame counts as a sign of life
+    a, _ = await connect(alice)
+    long_ago = timezone.now() - timedelta(hours=1)
+
+    def last_seen():
+        Connection.objects.update(last_seen_at=long_ago)
+        Agent.objects.update(last_seen_at=long_ago)
+
+    await database_sync_to_async(last_seen)()
+    assert (await request(a, {"type": "heartbeat"}))["type"] == "heartbeat_ack"
+
+    def seen_again() -> bool:
+        connection = Connection.objects.get(agent=alice.agent)
+        return connection.last_seen_at > long_ago and connection.agent.last_seen_at > long_ago
+
+    for _ in range(100):
+        if await database_sync_to_async(seen_again)():
+            break
+        await asyncio.sleep(0.02)
+    assert await database_sync_to_async(seen_again)()
+    await a.disconnect()

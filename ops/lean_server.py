@@ -1,0 +1,138 @@
+"""Costs of the daphne server process that it does not need: two per socket, one per frame.
+
+Measured with tracemalloc on 2,000 idle agent sockets (bench idle):
+
+- Each application instance gets an asyncio.Queue as its `receive`, which is four deques (about
+  3.3 KB) for a queue that holds one or two events at a time. `InputQueue` keeps the two
+  operations daphne and the application use, `put_nowait` and `get`, in two short lists.
+- autobahn copies every one of some 60 protocol options from the factory onto each protocol
+  instance when the connection opens, so each socket's `__dict__` holds its own copy of the same
+  values. Reading them through the class from the (single) factory leaves the instance without
+  them; an option autobahn sets on the instance later still lands on the instance.
+
+And per frame: autobahn builds the arguments of its debug log lines (`hltype`, `hlval`: names
+styled with terminal colours) for every frame it sends or reads, whether or not debug logging is
+on; that was about 5% of the hub's CPU time in the direct benchmark. Plain values are passed
+instead; a debug log still shows them, uncoloured.
+"""
+
+import asyncio
+import sys
+from functools import partial
+
+_installed = False
+
+
+class InputQueue:
+    """The part of asyncio.Queue an ASGI `receive` needs: put_nowait() and awaiting get()."""
+
+    __slots__ = ("_getters", "_items")
+
+    def __init__(self):
+        self._items: list = []
+        self._getters: list[asyncio.Future] = []
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(item)
+                return
+        self._items.append(item)
+
+    def get_nowait(self):
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.pop(0)
+
+    async def get(self):
+        if self._items:
+            return self._items.pop(0)
+        getter = asyncio.get_running_loop().create_future()
+        self._getters.append(getter)
+        try:
+            return await getter
+        except asyncio.CancelledError:
+            if getter.done() and not getter.cancelled():
+                # Handed an event in the same instant the caller was cancelled: keep it first.
+                self._items.insert(0, getter.result())
+            elif getter in self._getters:
+                self._getters.remove(getter)
+            raise
+
+
+class _FactoryOption:
+    """Read a protocol option from the factory; setting it on an instance overrides as usual."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return getattr(instance.factory, self.name)
+
+
+def install() -> None:
+    """Under daphne, use InputQueue for applications and factory-held protocol options."""
+    global _installed
+    if _installed or "daphne.server" not in sys.modules:
+        return
+    _installed = True
+    _lean_input_queue()
+    _options_from_factory()
+    _plain_debug_log_arguments()
+
+
+def _lean_input_queue() -> None:
+    from daphne.server import Server
+
+    original = Server.create_application
+
+    def create_application(server, protocol, scope):
+        # daphne's own method, with InputQueue in place of asyncio.Queue.
+        assert "application_instance" not in server.connections[protocol]
+        input_queue = InputQueue()
+        scope.setdefault("asgi", {"version": "3.0"})
+        application_instance = server.application(
+            scope=scope,
+            receive=input_queue.get,
+            send=partial(server.handle_reply, protocol),
+        )
+        if protocol not in server.connections:
+            return None
+        server.connections[protocol]["application_instance"] = asyncio.ensure_future(
+            application_instance, loop=asyncio.get_event_loop()
+        )
+        return input_queue
+
+    create_application.original = original
+    Server.create_application = create_application
+
+
+def _options_from_factory() -> None:
+    from daphne.ws_protocol import WebSocketProtocol
+
+    for name in WebSocketProtocol.CONFIG_ATTRS:
+        # autobahn copies an option only when the protocol lacks it (_connectionMade).
+        if not hasattr(WebSocketProtocol, name):
+            setattr(WebSocketProtocol, name, _FactoryOption(name))
+
+
+def _plain(value, *args, **kwargs):
+    return value
+
+
+def _plain_debug_log_arguments() -> None:
+    from autobahn.websocket import protocol
+
+    protocol.hltype = _plain
+    protocol.hlval = _plain

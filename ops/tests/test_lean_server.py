@@ -1,0 +1,116 @@
+"""What ops/lean_server.py changes in daphne: the input queue and where protocol options live."""
+
+import asyncio
+
+import pytest
+
+from ops import lean_server
+from ops.lean_server import InputQueue
+
+
+async def test_a_waiting_get_receives_the_next_event():
+    queue = InputQueue()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait({"type": "websocket.connect"})
+    assert await getter == {"type": "websocket.connect"}
+
+
+async def test_events_put_before_get_come_out_in_order():
+    queue = InputQueue()
+    for n in range(3):
+        queue.put_nowait(n)
+    assert queue.qsize() == 3
+    assert [await queue.get() for _ in range(3)] == [0, 1, 2]
+    assert queue.empty()
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+
+
+async def test_a_cancelled_get_loses_no_event():
+    queue = InputQueue()
+    cancelled = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    queue.put_nowait("after")
+    assert await asyncio.wait_for(queue.get(), 1) == "after"
+
+
+async def test_an_event_handed_to_a_get_cancelled_at_once_is_kept_first():
+    queue = InputQueue()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait("first")  # resolves the getter's future...
+    getter.cancel()  # ...but its task is cancelled before it runs again
+    await asyncio.gather(getter, return_exceptions=True)
+    queue.put_nowait("second")
+    assert [await queue.get(), await queue.get()] == ["first", "second"]
+
+
+@pytest.fixture
+def daphne_installed(monkeypatch):
+    from daphne.server import Server
+    from daphne.ws_protocol import WebSocketProtocol
+
+    monkeypatch.setattr(Server, "create_application", Server.create_application)
+    for name in WebSocketProtocol.CONFIG_ATTRS:
+        if name not in WebSocketProtocol.__dict__:
+            monkeypatch.delattr(WebSocketProtocol, name, raising=False)
+    monkeypatch.setattr(lean_server, "_installed", False)
+    lean_server.install()
+    yield
+    for name in WebSocketProtocol.CONFIG_ATTRS:
+        if isinstance(WebSocketProtocol.__dict__.get(name), lean_server._FactoryOption):
+            delattr(WebSocketProtocol, name)
+
+
+def test_a_socket_reads_its_options_from_the_factory(daphne_installed):
+    from daphne.ws_protocol import WebSocketFactory
+    from twisted.internet.testing import StringTransport
+
+    class FakeServer:
+        def protocol_connected(self, protocol):
+            pass
+
+    factory = WebSocketFactory(FakeServer(), server="bench")
+    factory.setProtocolOptions(autoPingInterval=7, maxMessagePayloadSize=1234)
+    protocol = factory.buildProtocol(("127.0.0.1", 1))
+    protocol.makeConnection(StringTransport())
+    assert protocol.autoPingInterval == 7
+    assert protocol.maxMessagePayloadSize == 1234
+    assert not set(protocol.CONFIG_ATTRS) & set(vars(protocol)) - {"trackTimings"}
+    # An option set on one socket stays that socket's.
+    protocol.autoPingInterval = 3
+    assert protocol.autoPingInterval == 3
+    assert factory.buildProtocol(("127.0.0.1", 2)).autoPingInterval == 7
+
+
+async def test_daphne_gives_each_application_an_input_queue(daphne_installed):
+    from daphne.server import Server
+
+    received = []
+
+    async def application(scope, receive, send):
+        received.append(await receive())
+
+    server = Server.__new__(Server)
+    server.application = application
+    protocol = object()
+    server.connections = {protocol: {}}
+    queue = server.create_application(protocol, {"type": "websocket"})
+    assert isinstance(queue, InputQueue)
+    queue.put_nowait({"type": "websocket.connect"})
+    await server.connections[protocol]["application_instance"]
+    assert received == [{"type": "websocket.connect"}]
+
+
+def test_autobahn_debug_log_arguments_are_passed_plain(monkeypatch):
+    from autobahn.util import hlval
+    from autobahn.websocket import protocol
+
+    monkeypatch.setattr(protocol, "hltype", protocol.hltype)
+    monkeypatch.setattr(protocol, "hlval", protocol.hlval)
+    lean_server._plain_debug_log_arguments()
+    assert protocol.hlval(42) == 42 and protocol.hltype(InputQueue) is InputQueue
+    assert hlval(42) != 42  # autobahn's own helper is untouched elsewhere
