@@ -1,19 +1,17 @@
-"""Costs of the daphne server process that it does not need: two per socket, one per frame.
+"""Costs of the daphne server process that it does not need: one per socket, one per frame.
 
-Measured with tracemalloc on 2,000 idle agent sockets (bench idle):
+Per socket (measured with tracemalloc on 2,000 idle agent sockets, bench idle): each application
+instance gets an asyncio.Queue as its `receive`, which is four deques (about 3.3 KB) for a queue
+that holds one or two events at a time. `InputQueue` keeps the two operations daphne and the
+application use, `put_nowait` and `get`, in two short lists.
 
-- Each application instance gets an asyncio.Queue as its `receive`, which is four deques (about
-  3.3 KB) for a queue that holds one or two events at a time. `InputQueue` keeps the two
-  operations daphne and the application use, `put_nowait` and `get`, in two short lists.
-- autobahn copies every one of some 60 protocol options from the factory onto each protocol
-  instance when the connection opens, so each socket's `__dict__` holds its own copy of the same
-  values. Reading them through the class from the (single) factory leaves the instance without
-  them; an option autobahn sets on the instance later still lands on the instance.
+Per frame: autobahn builds the arguments of its debug log lines (`hltype`, `hlval`: names styled
+with terminal colours) for every frame it sends or reads, whether or not debug logging is on;
+that was about 5% of the hub's CPU time in the direct benchmark. Plain values are passed instead;
+a debug log still shows them, uncoloured.
 
-And per frame: autobahn builds the arguments of its debug log lines (`hltype`, `hlval`: names
-styled with terminal colours) for every frame it sends or reads, whether or not debug logging is
-on; that was about 5% of the hub's CPU time in the direct benchmark. Plain values are passed
-instead; a debug log still shows them, uncoloured.
+Measured and left out: reading autobahn's ~60 protocol options from the factory instead of
+copying them onto each socket saved about 2 KB per socket but cut the connect rate by a third.
 """
 
 import asyncio
@@ -67,28 +65,13 @@ class InputQueue:
             raise
 
 
-class _FactoryOption:
-    """Read a protocol option from the factory; setting it on an instance overrides as usual."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return getattr(instance.factory, self.name)
-
-
 def install() -> None:
-    """Under daphne, use InputQueue for applications and factory-held protocol options."""
+    """Under daphne, use InputQueue for applications and plain debug-log arguments."""
     global _installed
     if _installed or "daphne.server" not in sys.modules:
         return
     _installed = True
     _lean_input_queue()
-    _options_from_factory()
     _plain_debug_log_arguments()
 
 
@@ -116,15 +99,6 @@ def _lean_input_queue() -> None:
 
     create_application.original = original
     Server.create_application = create_application
-
-
-def _options_from_factory() -> None:
-    from daphne.ws_protocol import WebSocketProtocol
-
-    for name in WebSocketProtocol.CONFIG_ATTRS:
-        # autobahn copies an option only when the protocol lacks it (_connectionMade).
-        if not hasattr(WebSocketProtocol, name):
-            setattr(WebSocketProtocol, name, _FactoryOption(name))
 
 
 def _plain(value, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""What ops/lean_server.py changes in daphne: the input queue and where protocol options live."""
+"""What ops/lean_server.py changes in daphne: the input queue and debug-log arguments."""
 
 import asyncio
 
@@ -50,40 +50,14 @@ async def test_an_event_handed_to_a_get_cancelled_at_once_is_kept_first():
 
 @pytest.fixture
 def daphne_installed(monkeypatch):
+    from autobahn.websocket import protocol
     from daphne.server import Server
-    from daphne.ws_protocol import WebSocketProtocol
 
     monkeypatch.setattr(Server, "create_application", Server.create_application)
-    for name in WebSocketProtocol.CONFIG_ATTRS:
-        if name not in WebSocketProtocol.__dict__:
-            monkeypatch.delattr(WebSocketProtocol, name, raising=False)
+    monkeypatch.setattr(protocol, "hltype", protocol.hltype)
+    monkeypatch.setattr(protocol, "hlval", protocol.hlval)
     monkeypatch.setattr(lean_server, "_installed", False)
     lean_server.install()
-    yield
-    for name in WebSocketProtocol.CONFIG_ATTRS:
-        if isinstance(WebSocketProtocol.__dict__.get(name), lean_server._FactoryOption):
-            delattr(WebSocketProtocol, name)
-
-
-def test_a_socket_reads_its_options_from_the_factory(daphne_installed):
-    from daphne.ws_protocol import WebSocketFactory
-    from twisted.internet.testing import StringTransport
-
-    class FakeServer:
-        def protocol_connected(self, protocol):
-            pass
-
-    factory = WebSocketFactory(FakeServer(), server="bench")
-    factory.setProtocolOptions(autoPingInterval=7, maxMessagePayloadSize=1234)
-    protocol = factory.buildProtocol(("127.0.0.1", 1))
-    protocol.makeConnection(StringTransport())
-    assert protocol.autoPingInterval == 7
-    assert protocol.maxMessagePayloadSize == 1234
-    assert not set(protocol.CONFIG_ATTRS) & set(vars(protocol)) - {"trackTimings"}
-    # An option set on one socket stays that socket's.
-    protocol.autoPingInterval = 3
-    assert protocol.autoPingInterval == 3
-    assert factory.buildProtocol(("127.0.0.1", 2)).autoPingInterval == 7
 
 
 async def test_daphne_gives_each_application_an_input_queue(daphne_installed):
