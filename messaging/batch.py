@@ -25,8 +25,6 @@ from security.services import request_source
 from . import protocol, services
 from .models import Delivery, Mailbox, Message
 
-# Bound the number of query parameters per statement (SQLite allows 32766, older builds 999).
-CHUNK = 500
 PENDING = (Delivery.Status.QUEUED, Delivery.Status.DELIVERED)
 
 
@@ -64,11 +62,6 @@ class BatchResult:
     # Message frames for each connected recipient in seq order, and its open sockets' channels.
     frames: dict[int, list[dict]]
     channels: dict[int, list[str]]
-
-
-def _chunks(items, size=CHUNK):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _placeholders(count: int) -> str:
@@ -159,7 +152,7 @@ class _PostgresStatements(_Statements):
 
     def _many(self, cursor, head: str, row: str, rows, tail: str = "", before=()):
         results = []
-        for chunk in _chunks(rows):
+        for chunk in services.chunks(rows):
             params = [*before]
             for values in chunk:
                 params.extend(values)
@@ -176,7 +169,7 @@ class _PostgresStatements(_Statements):
 
     def bump_mailboxes(self, cursor, counts, ids):
         # Lock in recipient order first: every writer does, so none waits on another in a cycle.
-        for chunk in _chunks(ids):
+        for chunk in services.chunks(ids):
             cursor.execute(
                 f"SELECT agent_id FROM {self.mailbox}"
                 f" WHERE agent_id IN ({_placeholders(len(chunk))}) ORDER BY agent_id FOR UPDATE",
@@ -225,7 +218,7 @@ def _statements(vendor: str) -> _Statements:
 
 def _select_in(cursor, head: str, values) -> list[tuple]:
     rows = []
-    for chunk in _chunks(list(values)):
+    for chunk in services.chunks(list(values)):
         cursor.execute(head + _placeholders(len(chunk)) + ")", chunk)
         rows += cursor.fetchall()
     return rows
@@ -406,7 +399,7 @@ def _settle_acks(cursor, sql: _Statements, acks: list[Ack], now) -> list[int | N
         else:
             settled = 0
             ids = [sql.uuid(value) for value in ack.message_ids]
-            for chunk in _chunks(ids):
+            for chunk in services.chunks(ids):
                 cursor.execute(
                     sql.ack_ids + _placeholders(len(chunk)) + ")", (now, ack.recipient_id, *chunk)
                 )
@@ -429,7 +422,7 @@ def _touch(cursor, sql: _Statements, touches: dict[int, int], now) -> None:
         (sql.touch_connections, sorted(touches)),
         (sql.touch_agents, sorted(set(touches.values()))),
     ):
-        for chunk in _chunks(ids):
+        for chunk in services.chunks(ids):
             cursor.execute(head + _placeholders(len(chunk)) + ")", (now, *chunk))
 
 

@@ -51,7 +51,7 @@ def notify_replay(recipient_ids, *, delivered_before=None) -> None:
         event["delivered_before"] = delivered_before.timestamp()
     ids = list(recipient_ids)
     names: list[str] = []
-    for start in range(0, len(ids), 500):  # bounded query parameters, as in services._chunks
+    for start in range(0, len(ids), 500):  # bounded query parameters, as in services.chunks
         open_connections = Connection.objects.open().filter(agent_id__in=ids[start : start + 500])
         names += open_connections.values_list("channel_name", flat=True)
     if names:

@@ -74,20 +74,19 @@ def _stored_json(payload):
     return Value(None, JSONField()) if payload is None else payload
 
 
-def _chunks(items, size=CHUNK):
+def chunks(items, size=CHUNK):
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _next_seqs(counts: dict[int, int]) -> dict[int, int]:
-    """Reserve counts[r] sequence numbers in each recipient's mailbox; return the last of each.
+def _next_seqs(recipient_ids: list[int]) -> dict[int, int]:
+    """Take the next sequence number of each recipient's mailbox, inside the caller's transaction.
 
-    Runs inside the caller's transaction. Rows are locked in primary-key order, so concurrent
-    writers cannot deadlock; the lock is held until commit, so per-recipient commit order equals
-    sequence order.
+    Rows are locked in primary-key order, so concurrent fan-outs cannot deadlock; the lock is
+    held until commit, so per-recipient commit order equals sequence order.
     """
-    ids = sorted(counts)
-    for chunk in _chunks(ids):
+    ids = sorted(recipient_ids)
+    for chunk in chunks(ids):
         locked = set(
             Mailbox.objects.select_for_update()
             .filter(agent_id__in=chunk)
@@ -105,22 +104,16 @@ def _next_seqs(counts: dict[int, int]) -> dict[int, int]:
                 .order_by("agent_id")
                 .values_list("agent_id", flat=True)
             )
-        by_increment: dict[int, list[int]] = {}
-        for agent_id in chunk:
-            by_increment.setdefault(counts[agent_id], []).append(agent_id)
-        for increment, agent_ids in by_increment.items():
-            Mailbox.objects.filter(agent_id__in=agent_ids).update(
-                last_seq=F("last_seq") + increment
-            )
+        Mailbox.objects.filter(agent_id__in=chunk).update(last_seq=F("last_seq") + 1)
     seqs = {}
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         seqs.update(Mailbox.objects.filter(agent_id__in=chunk).values_list("agent_id", "last_seq"))
     return seqs
 
 
 def _connected(recipient_ids) -> set[int]:
     connected = set()
-    for chunk in _chunks(list(recipient_ids)):
+    for chunk in chunks(list(recipient_ids)):
         connected.update(
             Connection.objects.open()
             .filter(agent_id__in=chunk)
@@ -203,7 +196,7 @@ def message_send(
     try:
         with transaction.atomic():
             message.save(force_insert=True)
-            seqs = _next_seqs(dict.fromkeys(recipient_ids, 1))
+            seqs = _next_seqs(recipient_ids)
             Delivery.objects.bulk_create(
                 [
                     Delivery(
@@ -310,7 +303,7 @@ def deliveries_ack(
 def deliveries_mark_delivered(*, recipient_id: int, seqs: list[int]) -> int:
     """Record that these deliveries were written to a socket (one attempt each)."""
     changed = 0
-    for chunk in _chunks(seqs):
+    for chunk in chunks(seqs):
         changed += (
             Delivery.objects.pending()
             .filter(recipient_id=recipient_id, seq__in=chunk)
