@@ -16,7 +16,7 @@ from agents.checks import refuse_unsafe_production  # noqa: E402
 refuse_unsafe_production()
 
 from messaging.routing import websocket_urlpatterns  # noqa: E402
-from ops import lean_server, shutdown  # noqa: E402
+from ops import collector, lean_server, shutdown  # noqa: E402
 from security import server as server_hardening  # noqa: E402
 
 # Under daphne: on SIGTERM close every agent socket with 1012 before exiting (ops/shutdown.py).
@@ -35,3 +35,7 @@ application = ProtocolTypeRouter(
         "websocket": URLRouter(websocket_urlpatterns),
     }
 )
+
+# Last, once everything the process keeps for its lifetime exists: a full garbage collection
+# then walks only what serving has made (ops/collector.py).
+collector.tune_for_serving()
