@@ -74,7 +74,7 @@ def test_a_client_id_committed_by_another_writer_meanwhile_answers_a_duplicate(
 ):
     [first] = batch.write_batch([outgoing(alice, "bob", "a", client_id="x")], [], {}).sends
     # Another server commits the same client id between this writer's check and its insert.
-    monkeypatch.setattr(batch, "_known_duplicates", lambda sends, results: None)
+    monkeypatch.setattr(batch, "_known_duplicates", lambda *args: None)
     repeat, other = batch.write_batch(
         [outgoing(alice, "bob", "b", client_id="x"), outgoing(alice, "bob", "c")], [], {}
     ).sends
