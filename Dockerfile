@@ -43,4 +43,4 @@ STOPSIGNAL SIGTERM
 # Liveness of the process; readiness (/readyz) is for the load balancer and Kubernetes.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "mcp_project.asgi:application"]
+CMD ["python", "-m", "mcp_project.serve", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "mcp_project.asgi:application"]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import orjson
 
+from mcp_project import serve
+
 from . import procstat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,16 +280,7 @@ def hub_server(
         )
 
         port = embedded_redis.free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            HOST,
-            "-p",
-            str(port),
-            "mcp_project.asgi:application",
-        ]
+        args = serve.command("-b", HOST, "-p", str(port), "mcp_project.asgi:application")
         proc = start_process(args, env=env, log_path=log_path)
         cleanup.add(lambda: stop_process(proc))
         _wait(lambda: _http_ok(f"http://{HOST}:{port}/healthz"), proc, "daphne", log_path)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from mcp_project import serve
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,12 +96,11 @@ class TwoServers:
 
     def start(self) -> None:
         self.manage("migrate", "--noinput")
-        daphne = Path(sys.executable).with_name("daphne")
         for number in (1, 2):
             port = free_port()
             log = open(self.workdir / f"daphne-{number}.log", "wb")  # noqa: SIM115 (kept open)
             proc = subprocess.Popen(
-                [str(daphne), "-b", "127.0.0.1", "-p", str(port), "mcp_project.asgi:application"],
+                serve.command("-b", "127.0.0.1", "-p", str(port), "mcp_project.asgi:application"),
                 cwd=ROOT,
                 env={**self.env, "HUB_SERVER_NAME": f"e2e-server-{number}"},
                 stdout=log,

@@ -10,6 +10,8 @@ import yaml
 from django.conf import settings
 
 ROOT = Path(__file__).resolve().parents[2]
+# How every server start command runs daphne (on uvloop: mcp_project/serve.py).
+SERVE = ["python", "-m", "mcp_project.serve"]
 K8S = ROOT / "deploy" / "k8s"
 # Variables the hub reads that are not settings of ours.
 NOT_SETTINGS = {"DJANGO_SETTINGS_MODULE", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
@@ -64,7 +66,9 @@ def test_the_image_is_slim_runs_as_a_user_and_checks_its_health():
     assert user.split(":")[0] not in {"root", "0"}
     text = "\n".join(stage)
     assert "HEALTHCHECK" in text and "/healthz" in text
-    assert re.search(r'CMD \["daphne".*"mcp_project\.asgi:application"\]', text)
+    assert re.search(
+        r'CMD \["python", "-m", "mcp_project\.serve".*"mcp_project\.asgi:application"\]', text
+    )
     env = dict(re.findall(r"(\w+)=(\S+)", text.split("RUN groupadd")[0]))
     assert env["HUB_PRODUCTION"] == "1" and env["DJANGO_DEBUG"] == "0"
     assert_known(set(env) - {"PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}, "Dockerfile")
@@ -161,7 +165,7 @@ def test_the_manifests_define_every_part(manifests):
 def test_web_pods_probe_healthz_and_readyz_on_the_served_port(manifests):
     [web] = containers(manifests[("Deployment", "hub-web")])
     ports = {port["name"]: port["containerPort"] for port in web["ports"]}
-    assert web["command"][:1] == ["daphne"] and str(ports["http"]) in web["command"]
+    assert web["command"][:3] == SERVE and str(ports["http"]) in web["command"]
     assert web["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert web["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert web["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -238,7 +242,7 @@ def test_the_multi_process_procfile_runs_two_named_servers_worker_beat_and_redis
     ports = set()
     for name in ("web1", "web2"):
         words = shlex.split(entries[name])
-        assert words[0] == f"HUB_SERVER_NAME={name}" and words[1] == "daphne"
+        assert words[0] == f"HUB_SERVER_NAME={name}" and words[1:4] == SERVE
         ports.add(words[words.index("-p") + 1])
         assert_known([words[0].split("=")[0]], "Procfile.multi")
     assert len(ports) == 2

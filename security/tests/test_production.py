@@ -14,6 +14,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from agents.checks import refuse_unsafe_production
+from mcp_project import serve
 from tests.e2e.harness import embedded_redis, http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +111,7 @@ def test_daphne_refuses_to_start_with_unsafe_settings_and_starts_with_safe_ones(
         env = environment({**changes, "SQLITE_PATH": str(tmp_path / "hub.sqlite3")})
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), APPLICATION],
+            serve.command("-b", "127.0.0.1", "-p", str(port), APPLICATION),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
+from mcp_project import serve
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -385,7 +387,7 @@ class Hub:
     def _launch_server(self, index: int) -> None:
         server = self.servers[index]
         env = self.env(HUB_SERVER_NAME=server.name)
-        args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(server.port)]
+        args = serve.command("-b", "127.0.0.1", "-p", str(server.port))
         # The transport limit equals the app's frame limit, as in the Procfile.
         max_frame = env.get("HUB_MAX_FRAME_BYTES", str(DEFAULT_MAX_FRAME_BYTES))
         args += ["--websocket-max-message-size", max_frame]
