@@ -5,7 +5,10 @@ would. Its statements are plain SQL on the driver's own cursor: on this path bui
 queries cost far more than the database's own work (about 1 ms per UPDATE against tens of
 microseconds of SQLite time), and Django's cursor wrappers (error translation, placeholder
 rewriting, query metrics) were a third of what remained in Python. Errors are still translated,
-once per batch, by `connection.wrap_database_errors`.
+once per batch, by `connection.wrap_database_errors`. Django's per-call health check
+(`CONN_HEALTH_CHECKS`, a `SELECT 1` on PostgreSQL) lives in its own cursor and is skipped: a
+connection that died fails one batch, whose senders hear "storage is unavailable; retry", and
+the error marks it to be replaced before the next batch.
 """
 
 import json

@@ -3,9 +3,11 @@
 import asyncio
 from datetime import timedelta
 
+import psycopg
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.db import OperationalError, close_old_connections, connection
 from django.utils import timezone
 
 from agents import services as agent_services
@@ -81,6 +83,21 @@ def test_a_client_id_committed_by_another_writer_meanwhile_answers_a_duplicate(
     assert repeat.duplicate and repeat.message_id == first.message_id
     assert not other.duplicate
     assert [payload for _, payload, _ in inbox(bob)] == ["a", "c"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a server that drops the session")
+def test_a_batch_on_a_dropped_connection_fails_alone_and_the_next_one_reconnects(alice, bob):
+    batch.write_batch([outgoing(alice, "bob", "a")], [], {})
+    backend = connection.connection.info.backend_pid
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [backend])
+    with pytest.raises(OperationalError):
+        batch.write_batch([outgoing(alice, "bob", "lost")], [], {})
+    # What database_sync_to_async does before the writer's next batch.
+    close_old_connections()
+    [accepted] = batch.write_batch([outgoing(alice, "bob", "b")], [], {}).sends
+    assert isinstance(accepted, Accepted)
+    assert [payload for _, payload, _ in inbox(bob)] == ["a", "b"]
 
 
 def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob):
