@@ -65,10 +65,7 @@ class InputQueue:
         return self._items.pop(0)
 
     async def get(self):
-        if self._items:
-            return self._items.pop(0)
-        getter = asyncio.get_running_loop().create_future()
-        self._getters.append(getter)
+        getter = self.next_event()
         try:
             return await getter
         except asyncio.CancelledError:
