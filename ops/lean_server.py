@@ -1,4 +1,4 @@
-"""Costs of the daphne server process that it does not need: one per socket, one per frame.
+"""Costs of the daphne server process that it does not need: two per socket, one per frame.
 
 Per socket (measured with tracemalloc on 2,000 idle agent sockets, bench idle): each application
 instance gets an asyncio.Queue as its `receive`, which is four deques (about 3.3 KB) for a queue
