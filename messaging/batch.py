@@ -12,7 +12,6 @@ the error marks it to be replaced before the next batch.
 """
 
 import json
-import os
 import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from ops import telemetry
 from security.services import request_source
 
 from . import protocol, services
+from .ids import new_ids
 from .models import Delivery, Mailbox, Message
 
 PENDING = (Delivery.Status.QUEUED, Delivery.Status.DELIVERED)
@@ -246,12 +246,6 @@ def _driver_cursor():
         yield cursor
 
 
-def _new_ids(count: int) -> list[uuid.UUID]:
-    """Random (version 4) UUIDs from one read of the system's random source, not one per id."""
-    raw = os.urandom(16 * count)
-    return [uuid.UUID(bytes=raw[at : at + 16], version=4) for at in range(0, 16 * count, 16)]
-
-
 def _json(payload) -> str:
     try:
         return orjson.dumps(payload).decode()
@@ -349,7 +343,7 @@ def _store(cursor, sql: _Statements, sends, recipients, results, frames) -> dict
     stored_now = connection.ops.adapt_datetimefield_value(now)
     message_rows, counts, ids, expiries = [], {}, {}, {}
     for (index, recipient_ids), message_id in zip(
-        recipients.items(), _new_ids(len(recipients)), strict=True
+        recipients.items(), new_ids(len(recipients)), strict=True
     ):
         send = sends[index]
         ids[index] = message_id

@@ -1,9 +1,9 @@
-import uuid
-
 from django.db import models
 from django.db.models import Q
 
 from agents.models import Agent
+
+from . import ids
 
 
 class Message(models.Model):
@@ -16,7 +16,7 @@ class Message(models.Model):
         REQUEST = "request"
         REPLY = "reply"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=ids.new_id, editable=False)
     # No index of its own: message_sender_idx starts with the sender (every index costs each send).
     sender = models.ForeignKey(
         Agent, on_delete=models.PROTECT, related_name="sent_messages", db_index=False
