@@ -30,6 +30,16 @@ class Credentials:
 
 
 @pytest.fixture(autouse=True)
+def message_writers_stopped():
+    """End the test's message writer thread with the test: it holds a database connection and,
+    on SQLite, checkpoints the database file beside the next test's writer."""
+    from messaging.engine import stop_writers
+
+    yield
+    stop_writers()
+
+
+@pytest.fixture(autouse=True)
 def fresh_throttles():
     """Start every test with empty throttle counters (they live in the default cache)."""
     from django.core.cache import cache

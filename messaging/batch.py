@@ -11,12 +11,13 @@ connection that died fails one batch, whose senders hear "storage is unavailable
 the error marks it to be replaced before the next batch.
 """
 
+import contextvars
 import json
 import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from functools import cache
+from functools import cache, partial
 
 import orjson
 from django.db import IntegrityError, connection, transaction
@@ -46,6 +47,8 @@ class Outgoing:
     client_id: str | None = None
     ttl: float | None = None
     source: str = ""
+    # The sending socket's context (its log fields), for what is logged about the send.
+    context: contextvars.Context | None = None
 
 
 @dataclass
@@ -488,10 +491,17 @@ def write_batch(
                 else first
             )
     for index in recipients:
-        accepted = results[index]
-        telemetry.message_accepted(
-            message_id=accepted.message_id, kind=sends[index].kind, recipients=accepted.recipients
+        accepted, send = results[index], sends[index]
+        log = partial(
+            telemetry.message_accepted,
+            message_id=accepted.message_id,
+            kind=send.kind,
+            recipients=accepted.recipients,
         )
+        if send.context is None:
+            log()
+        else:  # in the writer thread, with the log fields of the socket that sent it
+            send.context.run(log)
     return BatchResult(results, acked, frames, channels)
 
 

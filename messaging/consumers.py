@@ -6,6 +6,7 @@ every failure becomes an `error` frame so one bad frame never ends the connectio
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -462,6 +463,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
                 client_id=frame.get("client_id"),
                 ttl=frame.get("ttl"),
                 source=request_source.get(),
+                context=contextvars.copy_context(),
                 **kwargs,
             )
         )

@@ -1,36 +1,59 @@
 """Group commit and local delivery for the agent sockets of one server process.
 
 Every socket's sends, acknowledgements and "written to the socket" marks wait in one queue. A
-single writer takes everything queued, stores it in one transaction (`batch.write_batch`) and
-answers each waiter after the commit: under load one commit serves hundreds of frames, with no
-load a frame waits for nobody. A recipient whose sockets are on this process gets its frames
-straight from here; the channel layer carries only what sockets on other processes must see.
+writer thread of its own takes everything queued, stores it in one transaction
+(`batch.write_batch`) and hands the outcome back to the event loop, which answers each waiter:
+under load one commit serves hundreds of frames, with no load a frame waits for nobody. A
+recipient whose sockets are on this process gets its frames straight from here; the channel
+layer carries only what sockets on other processes must see.
+
+The writer is a thread with a database connection of its own, not a call through
+`database_sync_to_async`: it goes on to the next batch as soon as a commit is done, without
+waiting for the event loop to hand the batch over, and nothing else queues in front of it in
+Channels' shared database thread. On the latency benchmark (SQLite, two runs each) p50 went from
+3.4-3.5 to 3.0-3.1 ms; direct throughput did not change beyond noise. On SQLite a checkpointer
+thread runs beside it (messaging/wal.py).
 """
 
 import asyncio
+import contextlib
 import logging
+import threading
 import weakref
+from collections import deque
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.db import close_old_connections, connection
 
 from agents.live import agent_group
 
-from . import batch
+from . import batch, wal
 
 logger = logging.getLogger(__name__)
 
 # Sends stored per transaction at most; the rest wait for the next one.
 MAX_BATCH_SENDS = 500
+# Seconds an idle writer thread waits for work before it ends (and closes its connection).
+WRITER_LINGER = 5.0
 
 
 class Engine:
-    def __init__(self):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)
+        # What the writer takes next; the event loop adds to it, the writer thread empties it.
+        self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)
         self._sends: list[tuple[batch.Outgoing, asyncio.Future]] = []
         self._acks: list[tuple[batch.Ack, asyncio.Future]] = []
         self._marks: dict[int, list[int]] = {}
         self._touches: dict[int, int] = {}
-        self._writer: asyncio.Task | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._wake_pending = False
+        # The writer thread's connection, once told to leave checkpoints to the checkpointer.
+        self._configured = None
+        self._remote: deque[tuple[int, list[dict]]] = deque()
+        self._remote_task: asyncio.Task | None = None
         self.batches_written = 0
         # The sockets of this process with an agent session, by channel name.
         self.sockets: dict[str, object] = {}
@@ -47,75 +70,158 @@ class Engine:
     def send(self, outgoing: batch.Outgoing) -> asyncio.Future:
         """Queue a send; the future gives its `Accepted` after the commit, or the refusal."""
         future = asyncio.get_running_loop().create_future()
-        self._sends.append((outgoing, future))
+        with self._lock:
+            self._sends.append((outgoing, future))
         self._wake()
         return future
 
     def ack(self, ack: batch.Ack) -> asyncio.Future:
         """Queue an acknowledgement; the future gives how many deliveries it settled."""
         future = asyncio.get_running_loop().create_future()
-        self._acks.append((ack, future))
+        with self._lock:
+            self._acks.append((ack, future))
         self._wake()
         return future
 
     def mark_delivered(self, recipient_id: int, seqs: list[int]) -> None:
         """Record, with the next batch, that these frames were written to a socket."""
-        self._marks.setdefault(recipient_id, []).extend(seqs)
+        with self._lock:
+            self._marks.setdefault(recipient_id, []).extend(seqs)
         self._wake()
 
     def touch(self, connection_id: int, agent_id: int) -> None:
         """Record, with the next batch, that a connection and its agent showed signs of life."""
-        self._touches[connection_id] = agent_id
+        with self._lock:
+            self._touches[connection_id] = agent_id
         self._wake()
+
+    async def close(self) -> None:
+        """Store what is queued, then end the writer thread and close its connection.
+
+        The next frame starts a new writer, with a new connection (shutdown, and tests that
+        change the database settings). The writer hands out its last answers before it ends."""
+        await asyncio.to_thread(self.stop_writer)
+
+    def stop_writer(self) -> None:
+        """`close` for callers outside the event loop: blocks until the writer has ended."""
+        with self._lock:
+            self._closing = True
+            if self._thread is None and self._queued_work():
+                self._start_writer()
+            thread = self._thread
+            self._queued.notify()
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            self._closing = False
 
     # --- The writer ---------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write_while_queued())
+        # Once per turn of the event loop, after it: what the loop read in one turn is stored
+        # together even when the writer is idle.
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._notify_writer)
 
-    async def _write_while_queued(self) -> None:
+    def _notify_writer(self) -> None:
+        self._wake_pending = False
+        with self._lock:
+            if self._thread is not None:
+                self._queued.notify()
+            elif self._queued_work():
+                self._start_writer()
+
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hub-writer", daemon=True)
+        self._thread.start()
+
+    def _queued_work(self) -> bool:
+        return bool(self._sends or self._acks or self._marks or self._touches)
+
+    def _run(self) -> None:
+        """The writer thread: store batches while there is work, then linger and end."""
+        checkpointer = None
+        if connection.vendor == "sqlite" and wal.is_file(connection.settings_dict["NAME"]):
+            checkpointer = wal.Checkpointer(connection.settings_dict["NAME"]).start()
         try:
-            while self._sends or self._acks or self._marks or self._touches:
-                sends = self._sends[:MAX_BATCH_SENDS]
-                del self._sends[:MAX_BATCH_SENDS]
-                acks, self._acks = self._acks, []
-                marks, self._marks = self._marks, {}
-                touches, self._touches = self._touches, {}
-                await self._write(sends, acks, marks, touches)
+            while batches := self._take():
+                self._write(*batches)
         finally:
-            self._writer = None
+            if checkpointer is not None:
+                checkpointer.stop()
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+            try:
+                connection.close()
+            except Exception:
+                logger.warning("the writer's database connection did not close", exc_info=True)
 
-    async def _write(self, sends, acks, marks, touches) -> None:
+    def _take(self):
+        """The next batch; None once nothing came for WRITER_LINGER seconds (or on close)."""
+        with self._lock:
+            if not self._queued_work() and not self._closing:
+                self._queued.wait(WRITER_LINGER)
+            if not self._queued_work():
+                self._thread = None
+                return None
+            sends = self._sends[:MAX_BATCH_SENDS]
+            del self._sends[:MAX_BATCH_SENDS]
+            acks, self._acks = self._acks, []
+            marks, self._marks = self._marks, {}
+            touches, self._touches = self._touches, {}
+        return sends, acks, marks, touches
+
+    def _write(self, sends, acks, marks, touches) -> None:
         try:
-            result = await database_sync_to_async(batch.write_batch)(
+            # A connection that failed or outlived CONN_MAX_AGE is replaced (PITFALLS P10).
+            close_old_connections()
+            self._own_checkpoints()
+            outcome = batch.write_batch(
                 [outgoing for outgoing, _ in sends], [ack for ack, _ in acks], marks, touches
             )
+            self.batches_written += 1
         except Exception as exc:
+            outcome = exc
+        loop = self._loop()
+        # A loop that is gone (closed, collected) took everyone waiting with it.
+        with contextlib.suppress(AttributeError, RuntimeError):
+            loop.call_soon_threadsafe(self._answer, sends, acks, outcome)
+
+    def _own_checkpoints(self) -> None:
+        """On SQLite, leave checkpoints to the checkpointer thread (messaging/wal.py)."""
+        if connection.vendor != "sqlite":
+            return
+        connection.ensure_connection()
+        if connection.connection is not self._configured:
+            wal.checkpoints_off(connection.connection)
+            self._configured = connection.connection
+
+    def _answer(self, sends, acks, outcome) -> None:
+        if isinstance(outcome, Exception):
             # Nothing of the batch was stored: every waiter hears why (delivered marks are lost,
             # so those rows stay queued and are replayed: at least once, never lost; a lost
             # touch is made again by a later frame).
-            logger.warning("a batch could not be stored", exc_info=exc)
+            logger.warning("a batch could not be stored", exc_info=outcome)
             for _, future in sends + acks:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(outcome)
             return
-        self.batches_written += 1
-        for (_, future), outcome in zip(sends, result.sends, strict=True):
+        for (_, future), result in zip(sends, outcome.sends, strict=True):
             if future.done():
                 continue  # the socket went away while waiting
-            if isinstance(outcome, Exception):
-                future.set_exception(outcome)
+            if isinstance(result, Exception):
+                future.set_exception(result)
             else:
-                future.set_result(outcome)
-        for (_, future), count in zip(acks, result.acks, strict=True):
+                future.set_result(result)
+        for (_, future), count in zip(acks, outcome.acks, strict=True):
             if not future.done():
                 future.set_result(count)
-        await self._route(result.frames, result.channels)
+        self._route(outcome.frames, outcome.channels)
 
-    async def _route(self, frames: dict[int, list[dict]], channels: dict[int, list[str]]) -> None:
+    def _route(self, frames: dict[int, list[dict]], channels: dict[int, list[str]]) -> None:
         """Hand frames to local sockets; nudge the recipient's group if it has sockets elsewhere."""
-        remote = []
         for recipient_id, recipient_frames in frames.items():
             elsewhere = False
             for channel_name in channels.get(recipient_id, ()):
@@ -125,20 +231,28 @@ class Engine:
                 else:
                     consumer.deliver_local(recipient_frames)
             if elsewhere:
-                remote.append((recipient_id, recipient_frames))
-        if not remote:
-            return
+                self._remote.append((recipient_id, recipient_frames))
+        if self._remote and self._remote_task is None:
+            self._remote_task = asyncio.ensure_future(self._nudge_remote())
+
+    async def _nudge_remote(self) -> None:
+        """Send the frames for other processes' sockets through the layer, in commit order."""
         layer = get_channel_layer()
         try:
-            for recipient_id, recipient_frames in remote:
-                await layer.group_send(
-                    agent_group(recipient_id), {"type": "hub.deliver", "frames": recipient_frames}
-                )
-        except Exception:
-            # The rows are committed: the recipient's socket catches up or the sweep replays.
-            logger.warning(
-                "channel layer nudge failed; delivery falls back to replay", exc_info=True
-            )
+            while self._remote:
+                recipient_id, frames = self._remote.popleft()
+                try:
+                    await layer.group_send(
+                        agent_group(recipient_id), {"type": "hub.deliver", "frames": frames}
+                    )
+                except Exception:
+                    # The rows are committed: the recipient's socket catches up or the sweep
+                    # replays.
+                    logger.warning(
+                        "channel layer nudge failed; delivery falls back to replay", exc_info=True
+                    )
+        finally:
+            self._remote_task = None
 
 
 _engines: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine]" = (
@@ -146,10 +260,16 @@ _engines: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine]" = (
 )
 
 
+def stop_writers() -> None:
+    """End every engine's writer thread (between tests, which run an event loop each)."""
+    for each in list(_engines.values()):
+        each.stop_writer()
+
+
 def engine() -> Engine:
     """This event loop's engine (one per server process; tests run a loop each)."""
     loop = asyncio.get_running_loop()
     current = _engines.get(loop)
     if current is None:
-        current = _engines[loop] = Engine()
+        current = _engines[loop] = Engine(loop)
     return current

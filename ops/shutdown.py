@@ -7,8 +7,8 @@ signal stops at once.
 
 Nothing accepted is lost: a message is committed before its sender hears `accepted`, and every
 unacknowledged delivery is replayed on the recipient's next connection, wherever that lands.
-Deliveries written to a socket but not yet recorded are flushed by the consumer's disconnect(),
-which runs during the close handshake.
+Deliveries written to a socket but not yet recorded are queued by the consumer for the message
+writer, which stores what is queued before the reactor stops.
 
 Daphne sends no ASGI lifespan events and handles signals inside Twisted, so the hook is a
 handler installed once the reactor runs (replacing Twisted's, which would stop it at once).
@@ -123,6 +123,16 @@ async def _close(consumer) -> None:
         logger.warning("could not close a socket for restart", exc_info=True)
 
 
+async def _store_what_is_queued() -> None:
+    """Let the message writer store what the closing sockets queued last (delivered marks)."""
+    from messaging.engine import engine
+
+    try:
+        await engine().close()
+    except Exception:
+        logger.warning("the message writer did not finish", exc_info=True)
+
+
 async def drain(*, grace: float | None = None, stop=_stop_reactor) -> int:
     """Close every live socket with 1012, wait for them to finish, then stop; return the count."""
     global draining
@@ -146,5 +156,6 @@ async def drain(*, grace: float | None = None, stop=_stop_reactor) -> int:
             "sockets still open at the end of the grace period",
             extra={"sockets": len(live_consumers)},
         )
+    await _store_what_is_queued()
     stop()
     return len(consumers)

@@ -10,6 +10,7 @@ from channels.testing import WebsocketCommunicator
 from django.db import connection
 
 from mcp_project.asgi import application
+from messaging.engine import engine
 
 
 @pytest.fixture(autouse=True)
@@ -65,9 +66,11 @@ async def locked_database(monkeypatch):
     monkeypatch.setitem(settings_dict, "OPTIONS", {**settings_dict["OPTIONS"], **short_wait})
 
     async def reconnect():
-        # Consumers use one database thread; its next query opens a connection with the options
-        # in force (the short wait while locked, the normal ones afterwards).
+        # Consumers use one database thread and the engine its writer thread; their next query
+        # opens a connection with the options in force (the short wait while locked, the
+        # normal ones afterwards).
         await database_sync_to_async(lambda: connection.close())()
+        await engine().close()
 
     class Lock:
         async def hold(self):

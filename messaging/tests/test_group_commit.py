@@ -1,6 +1,7 @@
 """Group commit: the sends, acks and delivered marks of many sockets stored in one transaction."""
 
 import asyncio
+import threading
 from datetime import timedelta
 
 import psycopg
@@ -191,3 +192,15 @@ async def test_a_frame_on_a_socket_marks_its_connection_and_agent_alive(alice, h
         await asyncio.sleep(0.02)
     assert await database_sync_to_async(seen_again)()
     await a.disconnect()
+
+
+async def test_a_closed_writer_stores_what_was_queued_and_the_next_send_starts_another(alice, bob):
+    writer = engine()
+    queued = [writer.send(outgoing(alice, "bob", n)) for n in range(3)]
+    await writer.close()
+    assert all(future.done() for future in queued)
+    assert not any(thread.name == "hub-writer" for thread in threading.enumerate())
+    later = await writer.send(outgoing(alice, "bob", 3))
+    assert isinstance(later, Accepted)
+    rows = await database_sync_to_async(inbox)(bob)
+    assert [payload for _, payload, _ in rows] == [0, 1, 2, 3]

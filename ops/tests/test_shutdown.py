@@ -2,10 +2,16 @@
 
 import asyncio
 import signal
+import threading
 import time
 
 import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
 
+from messaging import batch
+from messaging.engine import engine
+from messaging.models import Delivery
 from messaging.tests.conftest import closed_with, communicator_for, connect
 from ops import shutdown
 from tests.e2e.harness import AgentSocket, Hub, embedded_redis
@@ -37,6 +43,33 @@ async def test_drain_closes_every_live_socket_with_1012_and_then_stops(alice, bo
     assert stopped.is_set()
     assert shutdown.draining
     assert not shutdown.live_consumers
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_drain_stores_what_the_sockets_left_queued_before_it_stops(alice, bob, not_draining):
+    send = batch.Outgoing(sender=alice.agent, kind="direct", payload=1, to="bob")
+    [accepted] = (await database_sync_to_async(batch.write_batch)([send], [], {})).sends
+    # A frame written just before the end: its delivered mark waits for the writer.
+    engine().mark_delivered(bob.agent.pk, [1])
+
+    def statuses():
+        try:
+            rows = Delivery.objects.filter(message_id=accepted.message_id)
+            return list(rows.values_list("status", flat=True))
+        finally:
+            connection.close()
+
+    seen_at_stop = []
+
+    def stop():
+        # What the database holds at the moment the reactor would stop (read from a thread of
+        # its own: this one runs the event loop).
+        reader = threading.Thread(target=lambda: seen_at_stop.extend(statuses()))
+        reader.start()
+        reader.join()
+
+    await shutdown.drain(grace=0, stop=stop)
+    assert seen_at_stop == ["delivered"]
 
 
 @pytest.mark.django_db(transaction=True)
