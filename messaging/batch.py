@@ -14,7 +14,7 @@ the error marks it to be replaced before the next batch.
 import contextvars
 import json
 import uuid
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import cache, partial
@@ -80,6 +80,8 @@ class _Statements:
 
     native_uuid = False
     json_cast = ""
+    # Writers queue for the database's write lock at BEGIN, not at their first write.
+    begin = "BEGIN IMMEDIATE"
     # sqlite3 takes qmark placeholders; psycopg takes %s.
     placeholder = "?"
 
@@ -165,6 +167,7 @@ class _Statements:
 class _PostgresStatements(_Statements):
     native_uuid = True
     json_cast = "::jsonb"
+    begin = "BEGIN"
     placeholder = "%s"
 
     def _many(self, cursor, head: str, row: str, rows, tail: str = "", before=()):
@@ -239,6 +242,32 @@ def _select_in(cursor, sql: _Statements, head: str, values, before=()) -> list[t
         cursor.execute(head + sql.placeholders(len(chunk)) + ")", (*before, *chunk))
         rows += cursor.fetchall()
     return rows
+
+
+@contextmanager
+def _transaction(cursor, sql: _Statements):
+    """One transaction on the driver's cursor, rolled back on any error.
+
+    Django's atomic() cost about 50 µs of CPU a batch here (its bookkeeping, and a Django cursor
+    built for each BEGIN): a batch of one send, one ack and one mark on SQLite took 187 µs with
+    it and 128-140 µs without. Inside a caller's atomic block (tests) this is a savepoint of
+    Django's instead."""
+    if connection.in_atomic_block:
+        with transaction.atomic():
+            yield
+        return
+    cursor.execute(sql.begin)
+    try:
+        yield
+        _commit(cursor)
+    except BaseException:
+        with suppress(Exception):  # a connection that died: its error is the one that counts
+            cursor.execute("ROLLBACK")
+        raise
+
+
+def _commit(cursor) -> None:
+    cursor.execute("COMMIT")
 
 
 @contextmanager
@@ -469,8 +498,7 @@ def write_batch(
         # Refusals are audited outside the batch's transaction, which they must not abort.
         recipients = _resolve(cursor, sql, sends, results)
         try:
-            # Inside the transaction, so that what it rolls back for is Django's IntegrityError.
-            with transaction.atomic(), connection.wrap_database_errors:
+            with connection.wrap_database_errors, _transaction(cursor, sql):
                 channels = (
                     _store(cursor, sql, sends, recipients, results, frames) if recipients else {}
                 )

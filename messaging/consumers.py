@@ -328,6 +328,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             self._catch_up_task.cancel()
             self._catch_up_task = None
         engine().detach(self)
+        engine().write_records_now()
         if self.connection is not None:
             await database_sync_to_async(agent_services.connection_closed)(
                 connection=self.connection, code=code

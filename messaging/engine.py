@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_SENDS = 500
 # Seconds an idle writer thread waits for work before it ends (and closes its connection).
 WRITER_LINGER = 5.0
+# Seconds delivered marks and liveness touches may wait for a batch with sends or acks, instead
+# of starting one of their own (latency benchmark, SQLite, three alternating runs each: p99
+# 8.3 / 10.0 / 10.9 -> 11.5 / 6.2 / 5.8 ms, p50 2.7 -> 2.2-2.5 ms). A closing socket's go at once.
+RECORD_DELAY = 0.05
 
 
 class Engine:
@@ -50,6 +55,8 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._wake_pending = False
+        # When the oldest delivered mark or touch still queued was queued.
+        self._records_since: float | None = None
         # The writer thread's connection, once told to leave checkpoints to the checkpointer.
         self._configured = None
         self._remote: deque[tuple[int, list[dict]]] = deque()
@@ -84,16 +91,31 @@ class Engine:
         return future
 
     def mark_delivered(self, recipient_id: int, seqs: list[int]) -> None:
-        """Record, with the next batch, that these frames were written to a socket."""
+        """Record, with a batch within RECORD_DELAY, that these frames were written to a socket."""
         with self._lock:
             self._marks.setdefault(recipient_id, []).extend(seqs)
+            self._recorded()
         self._wake()
 
     def touch(self, connection_id: int, agent_id: int) -> None:
-        """Record, with the next batch, that a connection and its agent showed signs of life."""
+        """Record, with a batch within RECORD_DELAY, that a connection and its agent showed
+        signs of life."""
         with self._lock:
             self._touches[connection_id] = agent_id
+            self._recorded()
         self._wake()
+
+    def write_records_now(self) -> None:
+        """Store queued marks and touches with the next batch, now (a socket is closing: its
+        agent's next session, here or on another process, reads them)."""
+        with self._lock:
+            if self._records_since is not None:
+                self._records_since = 0.0
+        self._wake()
+
+    def _recorded(self) -> None:
+        if self._records_since is None:
+            self._records_since = time.monotonic()
 
     async def close(self) -> None:
         """Store what is queued, then end the writer thread and close its connection.
@@ -158,14 +180,25 @@ class Engine:
             except Exception:
                 logger.warning("the writer's database connection did not close", exc_info=True)
 
+    def _due(self) -> bool:
+        """Whether to write now: a send or an ack waits, or records have waited long enough."""
+        if self._sends or self._acks or self._closing:
+            return True
+        since = self._records_since
+        return since is not None and time.monotonic() - since >= RECORD_DELAY
+
     def _take(self):
         """The next batch; None once nothing came for WRITER_LINGER seconds (or on close)."""
         with self._lock:
-            if not self._queued_work() and not self._closing:
-                self._queued.wait(WRITER_LINGER)
+            while not self._due():
+                if self._records_since is not None:
+                    self._queued.wait(self._records_since + RECORD_DELAY - time.monotonic())
+                elif not self._queued.wait(WRITER_LINGER) and not self._queued_work():
+                    break
             if not self._queued_work():
                 self._thread = None
                 return None
+            self._records_since = None
             sends = self._sends[:MAX_BATCH_SENDS]
             del self._sends[:MAX_BATCH_SENDS]
             acks, self._acks = self._acks, []

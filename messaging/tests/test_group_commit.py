@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 from datetime import timedelta
 
 import psycopg
@@ -14,11 +15,12 @@ from django.utils import timezone
 from agents import services as agent_services
 from agents.models import Agent, Connection
 from messaging import batch
+from messaging import engine as engine_module
 from messaging.engine import engine
 from messaging.models import Delivery, Message
 from messaging.services import Accepted, UnknownRecipient
 
-from .conftest import connect, receive, receive_messages, request
+from .conftest import connect, receive, receive_messages, receive_type, request
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -204,3 +206,60 @@ async def test_a_closed_writer_stores_what_was_queued_and_the_next_send_starts_a
     assert isinstance(later, Accepted)
     rows = await database_sync_to_async(inbox)(bob)
     assert [payload for _, payload, _ in rows] == [0, 1, 2, 3]
+
+
+def _status(credentials, seq) -> str:
+    return Delivery.objects.get(recipient=credentials.agent, seq=seq).status
+
+
+async def test_a_delivered_mark_alone_waits_for_the_record_delay(alice, bob, monkeypatch):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 0.5)
+    writer = engine()
+    await writer.send(outgoing(alice, "bob", 1))
+    written = writer.batches_written
+    writer.mark_delivered(bob.agent.pk, [1])
+    await asyncio.sleep(0.1)
+    assert writer.batches_written == written  # no batch for a mark alone yet
+    assert await database_sync_to_async(_status)(bob, 1) == "queued"
+    deadline = time.monotonic() + 5
+    while writer.batches_written == written and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await database_sync_to_async(_status)(bob, 1) == "delivered"
+
+
+async def test_delivered_marks_go_with_the_next_send(alice, bob, monkeypatch):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    writer = engine()
+    for n in range(3):
+        await writer.send(outgoing(alice, "bob", n))
+    written = writer.batches_written
+    writer.mark_delivered(bob.agent.pk, [1, 2])
+    await writer.send(outgoing(alice, "bob", 3))
+    assert writer.batches_written == written + 1
+    statuses = [await database_sync_to_async(_status)(bob, seq) for seq in (1, 2, 3, 4)]
+    assert statuses == ["delivered", "delivered", "queued", "queued"]
+
+
+async def test_acks_are_written_at_once(alice, bob, monkeypatch):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    writer = engine()
+    await writer.send(outgoing(alice, "bob", 0))
+    writer.mark_delivered(bob.agent.pk, [1])
+    acked = await asyncio.wait_for(writer.ack(batch.Ack(bob.agent.pk, up_to_seq=1)), 5)
+    assert acked == 1
+    silent = writer.ack(batch.Ack(bob.agent.pk, up_to_seq=1, answer=False))
+    assert await asyncio.wait_for(silent, 5) is None
+
+
+async def test_a_closing_socket_has_its_delivered_marks_written_at_once(alice, bob, monkeypatch):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
+    await receive_type(b, "message")
+    await b.disconnect()
+    deadline = time.monotonic() + 5
+    while await database_sync_to_async(_status)(bob, 1) != "delivered":
+        assert time.monotonic() < deadline, "the mark waited for RECORD_DELAY"
+        await asyncio.sleep(0.02)
+    await a.disconnect()

@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 from django.db import OperationalError, connections
 
-from messaging import services
+from messaging import batch, services
 from messaging.models import Delivery, Message
 
 from .conftest import connect, receive_messages, receive_type, request
@@ -98,7 +98,14 @@ async def test_it_never_answers_accepted_when_the_commit_fails(alice, bob):
         # What the backend raises when the server goes away between the writes and COMMIT.
         raise OperationalError("server closed the connection unexpectedly")
 
-    with mock.patch.object(wrapper, "_commit", failing_commit):
+    def failing_driver_commit(cursor):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    # Django's commit, and the batch writer's COMMIT on the driver's cursor.
+    with (
+        mock.patch.object(wrapper, "_commit", failing_commit),
+        mock.patch.object(batch, "_commit", failing_driver_commit),
+    ):
         answer = await request(a, {"type": "send", "to": "bob", "payload": {}, "ref": "r1"}, 5)
     assert answer["type"] == "error" and answer["code"] == "unavailable", answer
     assert answer["retry_after"] >= 1

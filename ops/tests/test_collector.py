@@ -4,14 +4,19 @@ import json
 import subprocess
 import sys
 
+import pytest
 from django.conf import settings
 
-from ops.collector import SERVING_THRESHOLDS
+from ops.collector import SERVING_SWITCH_INTERVAL, SERVING_THRESHOLDS
 
 PROBE = """
-import gc, json
+import gc, json, sys
 import mcp_project.asgi
-print(json.dumps({"frozen": gc.get_freeze_count(), "thresholds": gc.get_threshold()}))
+print(json.dumps({
+    "frozen": gc.get_freeze_count(),
+    "thresholds": gc.get_threshold(),
+    "switch_interval": sys.getswitchinterval(),
+}))
 """
 
 
@@ -29,3 +34,4 @@ def test_loading_the_asgi_application_freezes_the_start_up_heap():
     # Django, DRF, Channels and the project: far more than any handful of objects.
     assert state["frozen"] > 50_000
     assert tuple(state["thresholds"]) == SERVING_THRESHOLDS
+    assert state["switch_interval"] == pytest.approx(SERVING_SWITCH_INTERVAL) != 0.005
