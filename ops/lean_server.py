@@ -15,6 +15,12 @@ with terminal colours) for every frame it sends or reads, whether or not debug l
 that was about 5% of the hub's CPU time in the direct benchmark. Plain values are passed instead;
 a debug log still shows them, uncoloured.
 
+Per frame, too: autobahn unmasks each client frame with a masker from its native (CFFI)
+extension, built for the frame: two C allocations, a copy in and a copy out, about 2.9 µs for a
+120-byte payload. For frames up to SMALL_FRAME bytes a masker in Python integers does the same
+in 0.6 µs. Direct benchmark (SQLite, three alternating runs each): 8,376-8,804 -> 8,579-9,404
+messages/s, 125-131 -> 115-126 µs of server CPU per message.
+
 Measured and left out: reading autobahn's ~60 protocol options from the factory instead of
 copying them onto each socket saved about 2 KB per socket but cut the connect rate by a third.
 """
@@ -24,6 +30,8 @@ import sys
 from functools import partial
 
 _installed = False
+# Frames up to this many payload bytes are unmasked by SmallFrameMasker.
+SMALL_FRAME = 1024
 
 
 class InputQueue:
@@ -86,6 +94,7 @@ def install() -> None:
     _lean_input_queue()
     _plain_debug_log_arguments()
     _release_upgraded_http_requests()
+    _small_frame_masker()
 
 
 def _lean_input_queue() -> None:
@@ -144,3 +153,43 @@ def _release_upgraded_http_requests() -> None:
 
     process.original = original
     WebRequest.process = process
+
+
+class SmallFrameMasker:
+    """autobahn's masker interface (process, pointer, reset) for a frame's payload, which may
+    arrive in several pieces: XOR with the 4-byte mask, repeated from the frame's start."""
+
+    __slots__ = ("_mask", "_pointer")
+
+    def __init__(self, mask: bytes):
+        self._mask = bytes(mask)
+        self._pointer = 0
+
+    def pointer(self) -> int:
+        return self._pointer
+
+    def reset(self) -> None:
+        self._pointer = 0
+
+    def process(self, data: bytes) -> bytes:
+        length = len(data)
+        start = self._pointer & 3
+        self._pointer += length
+        key = (self._mask * ((start + length) // 4 + 1))[start : start + length]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            length, "little"
+        )
+
+
+def _small_frame_masker() -> None:
+    from autobahn.websocket import protocol
+
+    original = protocol.create_xor_masker
+
+    def create_xor_masker(mask, length=None):
+        if length is not None and length <= SMALL_FRAME:
+            return SmallFrameMasker(mask)
+        return original(mask, length)
+
+    create_xor_masker.original = original
+    protocol.create_xor_masker = create_xor_masker

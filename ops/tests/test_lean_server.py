@@ -3,12 +3,13 @@ HTTP request a WebSocket was upgraded from."""
 
 import asyncio
 import gc
+import random
 import weakref
 
 import pytest
 
 from ops import lean_server
-from ops.lean_server import InputQueue
+from ops.lean_server import InputQueue, SmallFrameMasker
 
 
 async def test_a_waiting_get_receives_the_next_event():
@@ -61,6 +62,7 @@ def daphne_installed(monkeypatch):
     monkeypatch.setattr(WebRequest, "process", WebRequest.process)
     monkeypatch.setattr(protocol, "hltype", protocol.hltype)
     monkeypatch.setattr(protocol, "hlval", protocol.hlval)
+    monkeypatch.setattr(protocol, "create_xor_masker", protocol.create_xor_masker)
     monkeypatch.setattr(lean_server, "_installed", False)
     lean_server.install()
 
@@ -140,3 +142,26 @@ def test_an_upgraded_socket_lets_go_of_its_http_channel_and_request(monkeypatch)
 def test_a_plain_http_request_keeps_its_channel_as_producer(monkeypatch):
     request, transport = handled_request(monkeypatch, upgrade=False)
     assert transport.producer is request.channel
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 63, 64, 125, 126, 127, 1000, 1024])
+def test_the_small_frame_masker_unmasks_as_autobahn_does_in_any_pieces(length):
+    from autobahn.websocket.xormasker import create_xor_masker
+
+    rng = random.Random(length)
+    mask, payload = rng.randbytes(4), rng.randbytes(length)
+    expected = create_xor_masker(mask, length).process(payload)
+    for cuts in ([], [1], [3, 7], sorted(rng.sample(range(1, length + 2), min(5, length)))):
+        masker, pieces, at = SmallFrameMasker(mask), [], 0
+        for cut in [*cuts, length]:
+            pieces.append(masker.process(payload[at:cut]))
+            at = max(at, min(cut, length))
+            assert masker.pointer() == at
+        assert b"".join(pieces) == expected
+
+
+def test_daphne_unmasks_small_frames_with_it_and_large_ones_with_autobahns(daphne_installed):
+    from autobahn.websocket import protocol
+
+    assert isinstance(protocol.create_xor_masker(b"abcd", 100), SmallFrameMasker)
+    assert not isinstance(protocol.create_xor_masker(b"abcd", 64 * 1024), SmallFrameMasker)
