@@ -16,6 +16,12 @@ A threshold of 20,000 saved no more CPU than that, and each of its collections s
 server for 8 to 9 ms (latency benchmark, with checkpoints off the writer's path: p99 10.8-12.9
 ms at 20,000, 7.9-8.8 ms at 2,000).
 
+A full collection runs after 100 passes of the middle generation instead of 10, so about as
+often as with the 20,000 threshold (every 4 million net allocations): with 10 and 10,000 idle
+sockets, whose objects are made after the freeze, the full collections came ten times as often
+and the heartbeat p99 of the idle benchmark rose from 60 to 250-313 ms (SQLite); with 100 it is
+59 ms, and the latency and direct benchmarks did not change beyond noise.
+
 The interpreter lock changes hands every 0.5 ms instead of 5 ms when two threads want it. The
 message writer (messaging/engine.py) gives it up for each statement it sends to the database,
 and waited up to a whole interval for it back while the event loop ran: latency benchmark at
@@ -28,7 +34,7 @@ import sys
 
 # (generation 0 allocations, generation 0 passes per generation 1 pass, generation 1 passes per
 # full pass): see gc.set_threshold.
-SERVING_THRESHOLDS = (2_000, 20, 10)
+SERVING_THRESHOLDS = (2_000, 20, 100)
 # Seconds a thread holds the interpreter lock while another waits for it (Python's default: 5 ms).
 SERVING_SWITCH_INTERVAL = 0.0005
 
