@@ -94,16 +94,18 @@ class Engine:
         """Record, with a batch within RECORD_DELAY, that these frames were written to a socket."""
         with self._lock:
             self._marks.setdefault(recipient_id, []).extend(seqs)
-            self._recorded()
-        self._wake()
+            first = self._recorded()
+        if first:
+            self._wake()
 
     def touch(self, connection_id: int, agent_id: int) -> None:
         """Record, with a batch within RECORD_DELAY, that a connection and its agent showed
         signs of life."""
         with self._lock:
             self._touches[connection_id] = agent_id
-            self._recorded()
-        self._wake()
+            first = self._recorded()
+        if first:
+            self._wake()
 
     def write_records_now(self) -> None:
         """Store queued marks and touches with the next batch, now (a socket is closing: its
@@ -113,9 +115,14 @@ class Engine:
                 self._records_since = 0.0
         self._wake()
 
-    def _recorded(self) -> None:
-        if self._records_since is None:
-            self._records_since = time.monotonic()
+    def _recorded(self) -> bool:
+        """Start the record delay unless it runs already; whether it started (lock held).
+
+        Only then does the writer need waking: otherwise it already knows when they are due."""
+        if self._records_since is not None:
+            return False
+        self._records_since = time.monotonic()
+        return True
 
     async def close(self) -> None:
         """Store what is queued, then end the writer thread and close its connection.
