@@ -255,6 +255,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             self.groups.append(agent_group(self.agent.pk))
             await self.channel_layer.group_add(agent_group(self.agent.pk), self.channel_name)
             self._last_group_join = time.monotonic()
+            # Quiet acks and delivered marks this process still holds (from the agent's socket
+            # that closed just now, say) are committed before the backlog is read.
+            await engine().write_records_now()
             welcome, frames = await self._open_session()
         except Exception:
             # Without the database or the layer this socket could neither deliver nor be closed by
@@ -543,16 +546,18 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         )
 
     async def frame_ack(self, frame):
-        await self._wait_for_room()
         ack = batch.Ack(
             self.agent.pk, frame["message_ids"], frame["up_to_seq"], answer=frame["ref"] is not None
         )
+        if not ack.answer:
+            engine().ack_quietly(ack)
+            return
+        await self._wait_for_room()
         self._answer_later(frame["ref"], self._acked(frame["ref"], engine().ack(ack)))
 
     async def _acked(self, ref, future):
         acked = await future
-        if ref is not None:
-            await self.send_json({"type": "acked", "ref": ref, "acked": acked})
+        await self.send_json({"type": "acked", "ref": ref, "acked": acked})
 
     # --- Events from the channel layer --------------------------------------------------------
 

@@ -40,6 +40,10 @@ WRITER_LINGER = 5.0
 # of starting one of their own (latency benchmark, SQLite, three alternating runs each: p99
 # 8.3 / 10.0 / 10.9 -> 11.5 / 6.2 / 5.8 ms, p50 2.7 -> 2.2-2.5 ms). A closing socket's go at once.
 RECORD_DELAY = 0.05
+# Seconds an acknowledgement nobody waits to hear about may wait for a batch with sends. Short,
+# so that an agent that acks and reconnects at once finds it settled; a closing socket's, and
+# everything queued when a session opens on this process, go at once.
+ACK_DELAY = 0.004
 
 
 class Engine:
@@ -50,13 +54,16 @@ class Engine:
         self._queued = threading.Condition(self._lock)
         self._sends: list[tuple[batch.Outgoing, asyncio.Future]] = []
         self._acks: list[tuple[batch.Ack, asyncio.Future]] = []
+        self._quiet_acks: list[tuple[batch.Ack, None]] = []
         self._marks: dict[int, list[int]] = {}
         self._touches: dict[int, int] = {}
         self._closing = False
         self._thread: threading.Thread | None = None
         self._wake_pending = False
-        # When the oldest delivered mark or touch still queued was queued.
-        self._records_since: float | None = None
+        # When the queued records (quiet acks, delivered marks, touches) are due to be written.
+        self._records_due: float | None = None
+        # Futures of callers waiting for the records queued so far to be committed.
+        self._record_waiters: list[asyncio.Future] = []
         # The writer thread's connection, once told to leave checkpoints to the checkpointer.
         self._configured = None
         self._remote: deque[tuple[int, list[dict]]] = deque()
@@ -90,12 +97,24 @@ class Engine:
         self._wake()
         return future
 
+    def ack_quietly(self, ack: batch.Ack) -> None:
+        """Queue an acknowledgement nobody waits to hear about, for a batch within ACK_DELAY.
+
+        On its own each one made a batch of its own: at 1,000 messages/s that was one commit for
+        the send and one for its ack. A batch that fails loses it, and the messages it settled
+        are delivered again: at least once."""
+        with self._lock:
+            self._quiet_acks.append((ack, None))
+            sooner = self._due_within(ACK_DELAY)
+        if sooner:
+            self._wake()
+
     def mark_delivered(self, recipient_id: int, seqs: list[int]) -> None:
         """Record, with a batch within RECORD_DELAY, that these frames were written to a socket."""
         with self._lock:
             self._marks.setdefault(recipient_id, []).extend(seqs)
-            first = self._recorded()
-        if first:
+            sooner = self._due_within(RECORD_DELAY)
+        if sooner:
             self._wake()
 
     def touch(self, connection_id: int, agent_id: int) -> None:
@@ -103,25 +122,33 @@ class Engine:
         signs of life."""
         with self._lock:
             self._touches[connection_id] = agent_id
-            first = self._recorded()
-        if first:
+            sooner = self._due_within(RECORD_DELAY)
+        if sooner:
             self._wake()
 
-    def write_records_now(self) -> None:
-        """Store queued marks and touches with the next batch, now (a socket is closing: its
-        agent's next session, here or on another process, reads them)."""
+    def write_records_now(self) -> asyncio.Future:
+        """Store the queued records with the next batch, now; the future is done once they are
+        committed (or their batch failed). A socket that closes calls it: its agent's next
+        session, here or on another process, reads them; a session that opens here awaits it
+        before it reads the agent's backlog."""
+        future = asyncio.get_running_loop().create_future()
         with self._lock:
-            if self._records_since is not None:
-                self._records_since = 0.0
+            if self._records_due is None:
+                future.set_result(None)
+                return future
+            self._records_due = 0.0
+            self._record_waiters.append(future)
         self._wake()
+        return future
 
-    def _recorded(self) -> bool:
-        """Start the record delay unless it runs already; whether it started (lock held).
-
-        Only then does the writer need waking: otherwise it already knows when they are due."""
-        if self._records_since is not None:
+    def _due_within(self, delay: float) -> bool:
+        """Have the queued records written within `delay` seconds; whether that is sooner than
+        they were due (lock held). Only then does the writer need waking: otherwise it already
+        waits for an earlier deadline."""
+        due = time.monotonic() + delay
+        if self._records_due is not None and self._records_due <= due:
             return False
-        self._records_since = time.monotonic()
+        self._records_due = due
         return True
 
     async def close(self) -> None:
@@ -166,7 +193,9 @@ class Engine:
         self._thread.start()
 
     def _queued_work(self) -> bool:
-        return bool(self._sends or self._acks or self._marks or self._touches)
+        return bool(
+            self._sends or self._acks or self._quiet_acks or self._marks or self._touches
+        )
 
     def _run(self) -> None:
         """The writer thread: store batches while there is work, then linger and end."""
@@ -188,32 +217,33 @@ class Engine:
                 logger.warning("the writer's database connection did not close", exc_info=True)
 
     def _due(self) -> bool:
-        """Whether to write now: a send or an ack waits, or records have waited long enough."""
+        """Whether to write now: a send or an answered ack waits, or the records are due."""
         if self._sends or self._acks or self._closing:
             return True
-        since = self._records_since
-        return since is not None and time.monotonic() - since >= RECORD_DELAY
+        return self._records_due is not None and time.monotonic() >= self._records_due
 
     def _take(self):
         """The next batch; None once nothing came for WRITER_LINGER seconds (or on close)."""
         with self._lock:
             while not self._due():
-                if self._records_since is not None:
-                    self._queued.wait(self._records_since + RECORD_DELAY - time.monotonic())
+                if self._records_due is not None:
+                    self._queued.wait(self._records_due - time.monotonic())
                 elif not self._queued.wait(WRITER_LINGER) and not self._queued_work():
                     break
             if not self._queued_work():
                 self._thread = None
                 return None
-            self._records_since = None
+            self._records_due = None
             sends = self._sends[:MAX_BATCH_SENDS]
             del self._sends[:MAX_BATCH_SENDS]
-            acks, self._acks = self._acks, []
+            acks = self._acks + self._quiet_acks
+            self._acks, self._quiet_acks = [], []
             marks, self._marks = self._marks, {}
             touches, self._touches = self._touches, {}
-        return sends, acks, marks, touches
+            waiters, self._record_waiters = self._record_waiters, []
+        return sends, acks, marks, touches, waiters
 
-    def _write(self, sends, acks, marks, touches) -> None:
+    def _write(self, sends, acks, marks, touches, waiters) -> None:
         try:
             # A connection that failed or outlived CONN_MAX_AGE is replaced (PITFALLS P10).
             close_old_connections()
@@ -227,7 +257,7 @@ class Engine:
         loop = self._loop()
         # A loop that is gone (closed, collected) took everyone waiting with it.
         with contextlib.suppress(AttributeError, RuntimeError):
-            loop.call_soon_threadsafe(self._answer, sends, acks, outcome)
+            loop.call_soon_threadsafe(self._answer, sends, acks, outcome, waiters)
 
     def _own_checkpoints(self) -> None:
         """On SQLite, leave checkpoints to the checkpointer thread (messaging/wal.py)."""
@@ -238,14 +268,17 @@ class Engine:
             wal.checkpoints_off(connection.connection)
             self._configured = connection.connection
 
-    def _answer(self, sends, acks, outcome) -> None:
+    def _answer(self, sends, acks, outcome, waiters=()) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if isinstance(outcome, Exception):
             # Nothing of the batch was stored: every waiter hears why (delivered marks are lost,
             # so those rows stay queued and are replayed: at least once, never lost; a lost
             # touch is made again by a later frame).
             logger.warning("a batch could not be stored", exc_info=outcome)
             for _, future in sends + acks:
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_exception(outcome)
             return
         for (_, future), result in zip(sends, outcome.sends, strict=True):
@@ -256,7 +289,7 @@ class Engine:
             else:
                 future.set_result(result)
         for (_, future), count in zip(acks, outcome.acks, strict=True):
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(count)
         self._route(outcome.frames, outcome.channels)
 

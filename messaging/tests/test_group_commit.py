@@ -240,15 +240,93 @@ async def test_delivered_marks_go_with_the_next_send(alice, bob, monkeypatch):
     assert statuses == ["delivered", "delivered", "queued", "queued"]
 
 
-async def test_acks_are_written_at_once(alice, bob, monkeypatch):
+async def test_acks_a_client_waits_to_hear_about_are_written_at_once(alice, bob, monkeypatch):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
     writer = engine()
     await writer.send(outgoing(alice, "bob", 0))
     writer.mark_delivered(bob.agent.pk, [1])
     acked = await asyncio.wait_for(writer.ack(batch.Ack(bob.agent.pk, up_to_seq=1)), 5)
     assert acked == 1
-    silent = writer.ack(batch.Ack(bob.agent.pk, up_to_seq=1, answer=False))
-    assert await asyncio.wait_for(silent, 5) is None
+
+
+async def test_a_quiet_ack_alone_waits_for_the_ack_delay(alice, bob, monkeypatch):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 0.5)
+    writer = engine()
+    await writer.send(outgoing(alice, "bob", 1))
+    written = writer.batches_written
+    writer.ack_quietly(batch.Ack(bob.agent.pk, up_to_seq=1, answer=False))
+    await asyncio.sleep(0.1)
+    assert writer.batches_written == written  # no batch for a quiet ack alone yet
+    assert await database_sync_to_async(_status)(bob, 1) == "queued"
+    deadline = time.monotonic() + 5
+    while writer.batches_written == written and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await database_sync_to_async(_status)(bob, 1) == "acked"
+
+
+async def test_a_quiet_ack_goes_with_the_next_send_and_hurries_waiting_marks(
+    alice, bob, monkeypatch
+):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
+    writer = engine()
+    for n in range(3):
+        await writer.send(outgoing(alice, "bob", n))
+    written = writer.batches_written
+    writer.mark_delivered(bob.agent.pk, [2, 3])
+    writer.ack_quietly(batch.Ack(bob.agent.pk, up_to_seq=1, answer=False))
+    await writer.send(outgoing(alice, "bob", 3))
+    assert writer.batches_written == written + 1
+    statuses = [await database_sync_to_async(_status)(bob, seq) for seq in (1, 2, 3, 4)]
+    assert statuses == ["acked", "delivered", "delivered", "queued"]
+    # An ack due sooner than the marks brings them along.
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 0.05)
+    writer.mark_delivered(bob.agent.pk, [4])
+    writer.ack_quietly(batch.Ack(bob.agent.pk, up_to_seq=2, answer=False))
+    deadline = time.monotonic() + 5
+    while await database_sync_to_async(_status)(bob, 4) != "delivered":
+        assert time.monotonic() < deadline, "the ack waited for RECORD_DELAY"
+        await asyncio.sleep(0.02)
+    assert await database_sync_to_async(_status)(bob, 2) == "acked"
+
+
+async def test_a_session_opening_here_reads_the_backlog_after_the_queued_acks(
+    alice, bob, monkeypatch
+):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
+    a, _ = await connect(alice)
+    first, _ = await connect(bob)
+    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
+    [frame] = await receive_messages(first, 1)
+    await first.send_json_to({"type": "ack", "up_to_seq": frame["seq"]})
+    await asyncio.sleep(0.05)
+    assert await database_sync_to_async(_status)(bob, 1) == "queued"  # mark and ack wait here
+    second, welcome = await connect(bob)
+    assert welcome["pending"] == 0
+    assert await second.receive_nothing(0.2)
+    assert await database_sync_to_async(_status)(bob, 1) == "acked"
+    for socket in (a, first, second):
+        await socket.disconnect()
+
+
+async def test_a_closing_socket_has_its_quiet_acks_written_at_once(alice, bob, monkeypatch):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
+    [frame] = await receive_messages(b, 1)
+    await b.send_json_to({"type": "ack", "up_to_seq": frame["seq"]})
+    await asyncio.sleep(0.05)
+    await b.disconnect()
+    deadline = time.monotonic() + 5
+    while await database_sync_to_async(_status)(bob, 1) != "acked":
+        assert time.monotonic() < deadline, "the ack waited for ACK_DELAY"
+        await asyncio.sleep(0.02)
+    await a.disconnect()
 
 
 async def test_a_closing_socket_has_its_delivered_marks_written_at_once(alice, bob, monkeypatch):
