@@ -193,9 +193,7 @@ class Engine:
         self._thread.start()
 
     def _queued_work(self) -> bool:
-        return bool(
-            self._sends or self._acks or self._quiet_acks or self._marks or self._touches
-        )
+        return bool(self._sends or self._acks or self._quiet_acks or self._marks or self._touches)
 
     def _run(self) -> None:
         """The writer thread: store batches while there is work, then linger and end."""
