@@ -331,6 +331,10 @@ _engines: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine]" = (
 )
 
 
+# The last loop asked for and its engine: a lookup in _engines builds a weak reference each time.
+_current: tuple[weakref.ref, Engine] | None = None
+
+
 def stop_writers() -> None:
     """End every engine's writer thread (between tests, which run an event loop each)."""
     for each in list(_engines.values()):
@@ -339,8 +343,12 @@ def stop_writers() -> None:
 
 def engine() -> Engine:
     """This event loop's engine (one per server process; tests run a loop each)."""
+    global _current
     loop = asyncio.get_running_loop()
+    if _current is not None and _current[0]() is loop:
+        return _current[1]  # the server's loop, every time but the first
     current = _engines.get(loop)
     if current is None:
         current = _engines[loop] = Engine(loop)
+    _current = (weakref.ref(loop), current)
     return current

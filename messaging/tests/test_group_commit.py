@@ -341,3 +341,13 @@ async def test_a_closing_socket_has_its_delivered_marks_written_at_once(alice, b
         assert time.monotonic() < deadline, "the mark waited for RECORD_DELAY"
         await asyncio.sleep(0.02)
     await a.disconnect()
+
+
+def test_each_event_loop_has_an_engine_of_its_own():
+    async def twice():
+        return engine(), engine()
+
+    first, again = asyncio.run(twice())
+    assert first is again
+    later, _ = asyncio.run(twice())
+    assert later is not first

@@ -54,14 +54,19 @@ async def test_an_event_handed_to_a_get_cancelled_at_once_is_kept_first():
 
 @pytest.fixture
 def daphne_installed(monkeypatch):
+    from autobahn.twisted import websocket
     from autobahn.websocket import protocol
     from daphne.http_protocol import WebRequest
     from daphne.server import Server
+    from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
     monkeypatch.setattr(Server, "create_application", Server.create_application)
     monkeypatch.setattr(WebRequest, "process", WebRequest.process)
-    monkeypatch.setattr(protocol, "hltype", protocol.hltype)
-    monkeypatch.setattr(protocol, "hlval", protocol.hlval)
+    monkeypatch.setattr(WebSocketFactory, "__init__", WebSocketFactory.__init__)
+    monkeypatch.setattr(WebSocketProtocol, "onMessage", WebSocketProtocol.onMessage)
+    for module in (protocol, websocket):
+        monkeypatch.setattr(module, "hltype", module.hltype)
+        monkeypatch.setattr(module, "hlval", module.hlval)
     monkeypatch.setattr(protocol, "create_xor_masker", protocol.create_xor_masker)
     monkeypatch.setattr(lean_server, "_installed", False)
     lean_server.install()
@@ -86,15 +91,34 @@ async def test_daphne_gives_each_application_an_input_queue(daphne_installed):
     assert received == [{"type": "websocket.connect"}]
 
 
-def test_autobahn_debug_log_arguments_are_passed_plain(monkeypatch):
+def test_autobahn_debug_log_arguments_are_passed_plain(daphne_installed):
+    from autobahn.twisted import websocket
     from autobahn.util import hlval
     from autobahn.websocket import protocol
 
-    monkeypatch.setattr(protocol, "hltype", protocol.hltype)
-    monkeypatch.setattr(protocol, "hlval", protocol.hlval)
-    lean_server._plain_debug_log_arguments()
-    assert protocol.hlval(42) == 42 and protocol.hltype(InputQueue) is InputQueue
+    for module in (protocol, websocket):
+        assert module.hlval(42) == 42 and module.hltype(InputQueue) is InputQueue
     assert hlval(42) != 42  # autobahn's own helper is untouched elsewhere
+
+
+def test_text_messages_are_checked_for_utf8_once_by_daphnes_decoding(daphne_installed):
+    from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
+
+    factory = WebSocketFactory(server_class=None)
+    assert factory.utf8validateIncoming is False  # autobahn's incremental check is off
+
+    refused = []
+    socket = WebSocketProtocol.__new__(WebSocketProtocol)
+    socket.muted = False
+    socket.client_addr = ("127.0.0.1", 1)
+    socket.application_queue = InputQueue()
+    socket._invalid_payload = refused.append
+    socket.onMessage("café".encode(), False)
+    assert socket.application_queue.get_nowait() == {"type": "websocket.receive", "text": "café"}
+    socket.onMessage(b"caf\xc3", False)  # cut inside a character
+    assert socket.application_queue.empty()
+    [reason] = refused  # the socket fails with 1007, as autobahn's own check fails it
+    assert "invalid UTF-8" in reason
 
 
 class FakeTransport:

@@ -1,9 +1,12 @@
 """Authentication, bad frames and deregistration as a real client sees them over the network."""
 
 import asyncio
+import base64
 import json
+import os
 import signal
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -112,3 +115,77 @@ async def test_a_server_shutting_down_closes_its_sockets_with_1012_at_once(hub):
             assert elsewhere.welcome["agent_id"] == agent.agent_id
     finally:
         await asyncio.to_thread(hub.restart_server, 1)
+
+
+class RawSocket:
+    """A WebSocket client that writes frames byte by byte: what a library would refuse to send."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str, token: str) -> "RawSocket":
+        address = urlsplit(url)
+        reader, writer = await asyncio.open_connection(address.hostname, address.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET {address.path} HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+        head = bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)])
+        self.writer.write(head + mask + masked)
+
+    async def next_frame(self) -> tuple[int, bytes]:
+        """The next frame from the server: (opcode, payload); (None, b"") once the TCP is closed
+        or dropped."""
+        try:
+            first, second = await asyncio.wait_for(self.reader.readexactly(2), 10)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return None, b""
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self.reader.readexactly(8), "big")
+        return first & 0x0F, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_text_frames_are_checked_for_utf8_and_a_message_split_inside_a_character_arrives(hub):
+    agent = hub.register()
+    sock = await RawSocket.open(hub.ws_url(0), agent.access)
+    try:
+        opcode, welcome = await sock.next_frame()
+        assert opcode == 1 and json.loads(welcome)["type"] == "welcome"
+        text = json.dumps({"type": "heartbeat", "ref": "café ✓"}, ensure_ascii=False).encode()
+        cut = text.index("é".encode()) + 1  # inside the two bytes of é
+        sock.send(0x1, text[:cut], fin=False)
+        sock.send(0x0, text[cut:])
+        opcode, answer = await sock.next_frame()
+        assert opcode == 1 and json.loads(answer) == {
+            "type": "heartbeat_ack",
+            "ref": "café ✓",
+            "server_time": json.loads(answer)["server_time"],
+        }
+        sock.send(0x1, b'{"type": "heartbeat", "ref": "\xff"}')
+        opcode, payload = await sock.next_frame()
+        if opcode == 0x8:  # a close frame, if the server sends one before dropping the TCP
+            assert int.from_bytes(payload[:2], "big") == 1007
+            opcode, payload = await sock.next_frame()
+        assert opcode is None
+        # Refused like any bad frame: the server logs no error of its own.
+        await asyncio.sleep(0.2)
+        assert "UnicodeDecodeError" not in hub.servers[0].log.read_text(errors="replace")
+    finally:
+        sock.close()
