@@ -100,6 +100,7 @@ def install() -> None:
     _lean_input_queue()
     _plain_debug_log_arguments()
     _utf8_checked_once()
+    _write_without_polling()
     _release_upgraded_http_requests()
     _small_frame_masker()
 
@@ -224,3 +225,48 @@ def _small_frame_masker() -> None:
 
     create_xor_masker.original = original
     protocol.create_xor_masker = create_xor_masker
+
+
+def _write_without_polling() -> None:
+    """Twisted writes a socket's buffered data once the event loop says the socket is writable:
+    each write registers the socket for writability (`addWriter`), and the next turn of the loop
+    writes and unregisters it. For a socket whose buffer has room, that is two changes to the
+    loop's poller and a turn through Twisted's logging wrappers per frame. Accepted sockets
+    instead write at the end of the loop turn that wrote to them (what that turn wrote goes out
+    together, as before), and register for writability only when the kernel takes less than all.
+    """
+    from twisted.internet import tcp
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor as Reactor
+
+    if hasattr(Reactor.addWriter, "original"):
+        return  # installed already
+    if not all(hasattr(Reactor, name) for name in ("_readOrWrite", "addWriter", "removeWriter")):
+        return  # a Twisted whose internals differ: it polls as it always did
+    original_add, original_remove = Reactor.addWriter, Reactor.removeWriter
+
+    def addWriter(reactor, writer):
+        if type(writer) is not tcp.Server or writer in reactor._writers:
+            original_add(reactor, writer)
+            return
+        flushing = reactor.__dict__.setdefault("_flushing", set())
+        if writer not in flushing:
+            flushing.add(writer)
+            reactor._asyncioEventloop.call_soon(_flush, reactor, writer)
+
+    def removeWriter(reactor, writer):
+        reactor.__dict__.get("_flushing", set()).discard(writer)
+        original_remove(reactor, writer)
+
+    def _flush(reactor, writer):
+        flushing = reactor._flushing
+        if writer not in flushing or not writer.connected:
+            flushing.discard(writer)
+            return  # stopped writing meanwhile, or closed
+        flushing.discard(writer)
+        # What the loop would do when the socket is writable: write, and close it if asked to.
+        reactor._readOrWrite(writer, False)
+        if writer.connected and (writer._tempDataLen or writer.offset < len(writer.dataBuffer)):
+            original_add(reactor, writer)  # the rest when the socket can take it
+
+    addWriter.original, removeWriter.original = original_add, original_remove
+    Reactor.addWriter, Reactor.removeWriter = addWriter, removeWriter

@@ -59,7 +59,10 @@ def daphne_installed(monkeypatch):
     from daphne.http_protocol import WebRequest
     from daphne.server import Server
     from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
+    monkeypatch.setattr(AsyncioSelectorReactor, "addWriter", AsyncioSelectorReactor.addWriter)
+    monkeypatch.setattr(AsyncioSelectorReactor, "removeWriter", AsyncioSelectorReactor.removeWriter)
     monkeypatch.setattr(Server, "create_application", Server.create_application)
     monkeypatch.setattr(WebRequest, "process", WebRequest.process)
     monkeypatch.setattr(WebSocketFactory, "__init__", WebSocketFactory.__init__)
@@ -189,3 +192,85 @@ def test_daphne_unmasks_small_frames_with_it_and_large_ones_with_autobahns(daphn
 
     assert isinstance(protocol.create_xor_masker(b"abcd", 100), SmallFrameMasker)
     assert not isinstance(protocol.create_xor_masker(b"abcd", 64 * 1024), SmallFrameMasker)
+
+
+@pytest.fixture
+def lean_writes(monkeypatch):
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    for name in ("addWriter", "removeWriter"):
+        # Twisted's own, even where the server set-up of another test patched it already.
+        method = getattr(AsyncioSelectorReactor, name)
+        monkeypatch.setattr(AsyncioSelectorReactor, name, getattr(method, "original", method))
+    lean_server._write_without_polling()
+
+
+class Recorded:
+    """A Twisted protocol that keeps what happens to its connection."""
+
+    def __init__(self):
+        self.lost = []
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+def accepted_connection(reactor, protocol):
+    """A tcp.Server (what daphne's listening port makes of an accepted socket) and its peer."""
+    import socket
+
+    from twisted.internet import tcp
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    connection = tcp.Server(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)
+    protocol.makeConnection(connection)
+    return connection, peer
+
+
+async def receive_all(peer, size: int) -> bytes:
+    peer.setblocking(False)
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        data += await loop.sock_recv(peer, size - len(data))
+    return data
+
+
+async def test_a_socket_with_room_is_written_at_the_end_of_the_turn_without_polling(lean_writes):
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    loop = asyncio.get_running_loop()
+    reactor = AsyncioSelectorReactor(loop)
+    polled = []
+    original = loop.add_writer
+    loop.add_writer = lambda fd, *args: (polled.append(fd), original(fd, *args))
+    protocol = Recorded()
+    connection, peer = accepted_connection(reactor, protocol)
+    try:
+        connection.write(b"one ")
+        connection.write(b"two")
+        assert await receive_all(peer, 7) == b"one two"  # both writes in one flush
+        assert polled == [] and connection not in reactor.getWriters()
+
+        # More than the kernel takes at once: the rest waits for writability, as before.
+        big = bytes(range(256)) * 40_000
+        connection.write(big)
+        await asyncio.sleep(0)
+        assert polled == [connection.fileno()]
+        assert await receive_all(peer, len(big)) == big
+        await asyncio.sleep(0.05)
+        assert connection not in reactor.getWriters()
+
+        # Closing after a write: the data goes out, then the connection is lost, once.
+        connection.write(b"bye")
+        connection.loseConnection()
+        assert await receive_all(peer, 3) == b"bye"
+        await asyncio.sleep(0.05)
+        assert len(protocol.lost) == 1 and not connection.connected
+    finally:
+        loop.add_writer = original
+        peer.close()
