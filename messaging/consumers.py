@@ -96,22 +96,6 @@ def _next_event(source, *args) -> Callable[[], asyncio.Future]:
     return lambda: asyncio.ensure_future(source(*args))
 
 
-async def _first_done(futures: list[asyncio.Future]) -> None:
-    waiter = asyncio.get_running_loop().create_future()
-
-    def wake(_):
-        if not waiter.done():
-            waiter.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(wake)
-    try:
-        await waiter
-    finally:
-        for future in futures:
-            future.remove_done_callback(wake)
-
-
 class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
     # Frame budgets per agent, shared by that agent's sockets on this server process.
     _buckets: dict[int, TokenBucket] = {}
@@ -129,14 +113,31 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
             sources.append(_next_event(self.channel_layer.receive, self.channel_name))
         self.base_send = send
-        waiting = [next_event() for next_event in sources]
+        loop = asyncio.get_running_loop()
+        # Awaited while no source has an event; whichever gets one first wakes it. A source's
+        # future gets the callback once, not once per wait.
+        signal = None
+
+        def wake(_):
+            if signal is not None and not signal.done():
+                signal.set_result(None)
+
+        def next_from(index):
+            future = sources[index]()
+            if not future.done():
+                future.add_done_callback(wake)
+            return future
+
+        waiting = [next_from(index) for index in range(len(sources))]
         try:
             while True:
                 if not any(future.done() for future in waiting):
-                    await _first_done(waiting)
+                    signal = loop.create_future()
+                    await signal
+                    signal = None
                 for index, future in enumerate(waiting):
                     if future.done():
-                        waiting[index] = sources[index]()
+                        waiting[index] = next_from(index)
                         await self.dispatch(future.result())
         except StopConsumer:
             pass
