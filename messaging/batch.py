@@ -20,7 +20,7 @@ from datetime import timedelta
 from functools import cache, partial
 
 import orjson
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
 from agents.models import Agent, Connection
@@ -277,7 +277,7 @@ def _select_in(cursor, sql: _Statements, head: str, values, before=()) -> list[t
 
 
 @contextmanager
-def _transaction(cursor, sql: _Statements):
+def _transaction(db, cursor, sql: _Statements):
     """One transaction on the driver's cursor, rolled back on any error; on PostgreSQL in a
     pipeline, from BEGIN to COMMIT.
 
@@ -285,8 +285,8 @@ def _transaction(cursor, sql: _Statements):
     built for each BEGIN): a batch of one send, one ack and one mark on SQLite took 187 µs with
     it and 128-140 µs without. Inside a caller's atomic block (tests) this is a savepoint of
     Django's instead."""
-    if connection.in_atomic_block:
-        with transaction.atomic():
+    if db.in_atomic_block:
+        with transaction.atomic(using=db.alias):
             yield
         return
     try:
@@ -305,10 +305,10 @@ def _commit(cursor) -> None:
 
 
 @contextmanager
-def _driver_cursor():
-    """The database driver's own cursor on Django's connection, its errors Django's."""
-    connection.ensure_connection()
-    with connection.wrap_database_errors, closing(connection.connection.cursor()) as cursor:
+def _driver_cursor(db):
+    """The database driver's own cursor on Django's connection `db`, its errors Django's."""
+    db.ensure_connection()
+    with db.wrap_database_errors, closing(db.connection.cursor()) as cursor:
         yield cursor
 
 
@@ -412,10 +412,12 @@ def _reserve_seqs(cursor, sql: _Statements, counts: dict[int, int]):
     return last, channels
 
 
-def _store(cursor, sql: _Statements, sends, recipients, results, frames) -> dict[int, list[str]]:
-    """Insert the messages and deliveries of `recipients`; fill `results` and `frames`."""
+def _store(db, cursor, sql: _Statements, sends, recipients, results, frames) -> dict:
+    """Insert the messages and deliveries of `recipients`; fill `results` and `frames`; return
+    the recipients' open sockets' channel names."""
     now = timezone.now()
-    stored_now = connection.ops.adapt_datetimefield_value(now)
+    adapt = db.ops.adapt_datetimefield_value
+    stored_now = adapt(now)
     message_rows, counts, ids, expiries = [], {}, {}, {}
     for (index, recipient_ids), message_id in zip(
         recipients.items(), new_ids(len(recipients)), strict=True
@@ -423,7 +425,7 @@ def _store(cursor, sql: _Statements, sends, recipients, results, frames) -> dict
         send = sends[index]
         ids[index] = message_id
         expires_at = now + timedelta(seconds=send.ttl) if send.ttl else None
-        expiries[index] = connection.ops.adapt_datetimefield_value(expires_at)
+        expiries[index] = adapt(expires_at)
         message_rows.append(
             (
                 sql.uuid(message_id),
@@ -539,19 +541,24 @@ def write_batch(
     constraint race with another process (one client id sent through two servers at once) falls
     back to storing the sends one by one.
     """
-    sql = _statements(connection.vendor)
+    # Django's `connection` is a proxy that looks the thread's connection up on every use
+    # (about 4 µs each here); the batch looks it up once.
+    db = connections[DEFAULT_DB_ALIAS]
+    sql = _statements(db.vendor)
     results: list = [None] * len(sends)
     frames: dict[int, list[dict]] = {}
-    with _driver_cursor() as cursor:
+    with _driver_cursor(db) as cursor:
         _known_duplicates(cursor, sql, sends, results)
         # Refusals are audited outside the batch's transaction, which they must not abort.
         recipients = _resolve(cursor, sql, sends, results)
         try:
-            with connection.wrap_database_errors, _transaction(cursor, sql):
+            with db.wrap_database_errors, _transaction(db, cursor, sql):
                 channels = (
-                    _store(cursor, sql, sends, recipients, results, frames) if recipients else {}
+                    _store(db, cursor, sql, sends, recipients, results, frames)
+                    if recipients
+                    else {}
                 )
-                now = connection.ops.adapt_datetimefield_value(timezone.now())
+                now = db.ops.adapt_datetimefield_value(timezone.now())
                 settling = _settle_acks(cursor, sql, acks, now)
                 if marks:
                     _mark_delivered(cursor, sql, marks, now)
@@ -602,7 +609,7 @@ def _write_one_by_one(sends, acks, marks, touches) -> BatchResult:
         except HubError as exc:
             results.append(exc)
     sql = _statements(connection.vendor)
-    with transaction.atomic(), _driver_cursor() as cursor:
+    with transaction.atomic(), _driver_cursor(connections[DEFAULT_DB_ALIAS]) as cursor:
         now = connection.ops.adapt_datetimefield_value(timezone.now())
         acked = _counts(_settle_acks(cursor, sql, acks, now))
         _mark_delivered(cursor, sql, marks, now)

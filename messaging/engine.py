@@ -24,7 +24,7 @@ import weakref
 from collections import deque
 
 from channels.layers import get_channel_layer
-from django.db import close_old_connections, connection
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections
 
 from agents.live import agent_group
 
@@ -44,6 +44,9 @@ RECORD_DELAY = 0.05
 # so that an agent that acks and reconnects at once finds it settled; a closing socket's, and
 # everything queued when a session opens on this process, go at once.
 ACK_DELAY = 0.004
+# Seconds between checks that the writer's connection is still usable and young enough while
+# batches succeed (each check cost about 25 µs a batch); after a failed batch the next one checks.
+CONNECTION_CHECK_INTERVAL = 1.0
 
 
 class Engine:
@@ -66,6 +69,8 @@ class Engine:
         self._record_waiters: list[asyncio.Future] = []
         # The writer thread's connection, once told to leave checkpoints to the checkpointer.
         self._configured = None
+        # When the writer's connection is next checked (monotonic seconds).
+        self._check_due = 0.0
         self._remote: deque[tuple[int, list[dict]]] = deque()
         self._remote_task: asyncio.Task | None = None
         self.batches_written = 0
@@ -198,6 +203,7 @@ class Engine:
     def _run(self) -> None:
         """The writer thread: store batches while there is work, then linger and end."""
         checkpointer = None
+        self._check_due = 0.0
         if connection.vendor == "sqlite" and wal.is_file(connection.settings_dict["NAME"]):
             checkpointer = wal.Checkpointer(connection.settings_dict["NAME"]).start()
         try:
@@ -243,8 +249,11 @@ class Engine:
 
     def _write(self, sends, acks, marks, touches, waiters) -> None:
         try:
-            # A connection that failed or outlived CONN_MAX_AGE is replaced (PITFALLS P10).
-            close_old_connections()
+            now = time.monotonic()
+            if now >= self._check_due:
+                # A connection that failed or outlived CONN_MAX_AGE is replaced (PITFALLS P10).
+                close_old_connections()
+                self._check_due = now + CONNECTION_CHECK_INTERVAL
             self._own_checkpoints()
             outcome = batch.write_batch(
                 [outgoing for outgoing, _ in sends], [ack for ack, _ in acks], marks, touches
@@ -252,6 +261,7 @@ class Engine:
             self.batches_written += 1
         except Exception as exc:
             outcome = exc
+            self._check_due = 0.0
         loop = self._loop()
         # A loop that is gone (closed, collected) took everyone waiting with it.
         with contextlib.suppress(AttributeError, RuntimeError):
@@ -259,12 +269,13 @@ class Engine:
 
     def _own_checkpoints(self) -> None:
         """On SQLite, leave checkpoints to the checkpointer thread (messaging/wal.py)."""
-        if connection.vendor != "sqlite":
+        db = connections[DEFAULT_DB_ALIAS]
+        if db.vendor != "sqlite":
             return
-        connection.ensure_connection()
-        if connection.connection is not self._configured:
-            wal.checkpoints_off(connection.connection)
-            self._configured = connection.connection
+        db.ensure_connection()
+        if db.connection is not self._configured:
+            wal.checkpoints_off(db.connection)
+            self._configured = db.connection
 
     def _answer(self, sends, acks, outcome, waiters=()) -> None:
         for waiter in waiters:

@@ -351,3 +351,27 @@ def test_each_event_loop_has_an_engine_of_its_own():
     assert first is again
     later, _ = asyncio.run(twice())
     assert later is not first
+
+
+async def test_the_writer_checks_its_connection_once_a_second_and_after_a_failed_batch(
+    alice, bob, monkeypatch
+):
+    checks = []
+    monkeypatch.setattr(
+        engine_module, "close_old_connections", lambda: checks.append(threading.get_ident())
+    )
+    writer = engine()
+    for n in range(5):
+        await writer.send(outgoing(alice, "bob", n))
+    assert len(checks) == 1
+    failing = batch.write_batch
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(batch, "write_batch", failing)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(batch, "write_batch", fail_once)
+    with pytest.raises(OperationalError):
+        await writer.send(outgoing(alice, "bob", "lost"))
+    await writer.send(outgoing(alice, "bob", "after"))
+    assert len(checks) == 2  # the batch after the failure checked first
