@@ -18,8 +18,15 @@ instead; a debug log still shows them, uncoloured.
 
 Per text message: autobahn checks its UTF-8 as it reads it (a validator reset per message, fed per
 frame: 3.5% of the event loop's time at 1,000 messages/s), then daphne decodes it, which checks it
-again. autobahn's check is off; a message that does not decode fails the socket with 1007, as
-autobahn's check did.
+again. autobahn's check is off; a message that does not decode fails the socket the way
+autobahn's check did (`_invalid_payload`: status 1007, and the connection dropped).
+
+Per message, too: autobahn fires a "message" signal for the socket's observers, a Deferred built
+for every message; daphne has none, so it is skipped (`_no_message_signal_without_listeners`).
+
+Per written frame: Twisted registered the socket for writability and wrote on the next turn of
+the loop, then unregistered it; accepted sockets now write at the end of the turn that wrote to
+them (`_write_without_polling`).
 
 Per frame, too: autobahn unmasks each client frame with a masker from its native (CFFI)
 extension, built for the frame: two C allocations, a copy in and a copy out, about 2.9 µs for a
@@ -100,6 +107,7 @@ def install() -> None:
     _lean_input_queue()
     _plain_debug_log_arguments()
     _utf8_checked_once()
+    _no_message_signal_without_listeners()
     _write_without_polling()
     _release_upgraded_http_requests()
     _small_frame_masker()
@@ -225,6 +233,30 @@ def _small_frame_masker() -> None:
 
     create_xor_masker.original = original
     protocol.create_xor_masker = create_xor_masker
+
+
+def _no_message_signal_without_listeners() -> None:
+    """After handing a message to onMessage, autobahn fires its "message" signal for observers
+    of the socket, building a Deferred (and a callback on it) for every message; daphne observes
+    nothing, so a socket without observers skips it."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    original = WebSocketProtocol.onMessageEnd
+
+    def onMessageEnd(protocol):
+        if protocol._listeners or protocol._parent is not None:
+            original(protocol)
+            return
+        # autobahn's own, less the signal.
+        if not protocol.failedByMe:
+            payload = b"".join(protocol.message_data)
+            if protocol.trackedTimings:
+                protocol.trackedTimings.track("onMessage")
+            protocol._onMessage(payload, protocol.message_is_binary)
+        protocol.message_data = None
+
+    onMessageEnd.original = original
+    WebSocketProtocol.onMessageEnd = onMessageEnd
 
 
 def _write_without_polling() -> None:

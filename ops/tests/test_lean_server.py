@@ -67,6 +67,7 @@ def daphne_installed(monkeypatch):
     monkeypatch.setattr(WebRequest, "process", WebRequest.process)
     monkeypatch.setattr(WebSocketFactory, "__init__", WebSocketFactory.__init__)
     monkeypatch.setattr(WebSocketProtocol, "onMessage", WebSocketProtocol.onMessage)
+    monkeypatch.setattr(WebSocketProtocol, "onMessageEnd", WebSocketProtocol.onMessageEnd)
     for module in (protocol, websocket):
         monkeypatch.setattr(module, "hltype", module.hltype)
         monkeypatch.setattr(module, "hlval", module.hlval)
@@ -120,7 +121,7 @@ def test_text_messages_are_checked_for_utf8_once_by_daphnes_decoding(daphne_inst
     assert socket.application_queue.get_nowait() == {"type": "websocket.receive", "text": "café"}
     socket.onMessage(b"caf\xc3", False)  # cut inside a character
     assert socket.application_queue.empty()
-    [reason] = refused  # the socket fails with 1007, as autobahn's own check fails it
+    [reason] = refused  # failed as autobahn's own check fails it (1007)
     assert "invalid UTF-8" in reason
 
 
@@ -192,6 +193,32 @@ def test_daphne_unmasks_small_frames_with_it_and_large_ones_with_autobahns(daphn
 
     assert isinstance(protocol.create_xor_masker(b"abcd", 100), SmallFrameMasker)
     assert not isinstance(protocol.create_xor_masker(b"abcd", 64 * 1024), SmallFrameMasker)
+
+
+def test_a_message_fires_autobahns_signal_only_for_a_socket_with_observers(daphne_installed):
+    from daphne.ws_protocol import WebSocketProtocol
+
+    def socket_with_message():
+        socket = WebSocketProtocol.__new__(WebSocketProtocol)
+        socket.failedByMe, socket.trackedTimings, socket.message_is_binary = False, None, False
+        socket.message_data = [b'{"type": ', b'"heartbeat"}']
+        socket.handed = []
+        socket._onMessage = lambda payload, is_binary: socket.handed.append((payload, is_binary))
+        return socket
+
+    unobserved = socket_with_message()
+    unobserved.fire = None  # not called: the signal is skipped
+    unobserved.onMessageEnd()
+    assert unobserved.handed == [(b'{"type": "heartbeat"}', False)]
+    assert unobserved.message_data is None
+
+    observed = socket_with_message()
+    observed.set_valid_events(["message"])
+    seen = []
+    observed.on("message", lambda payload, is_binary: seen.append(payload))
+    observed.onMessageEnd()
+    assert observed.handed == [(b'{"type": "heartbeat"}', False)]
+    assert seen == [b'{"type": "heartbeat"}']  # autobahn's own, signal included
 
 
 @pytest.fixture
