@@ -20,7 +20,7 @@ from messaging.engine import engine
 from messaging.models import Delivery, Message
 from messaging.services import Accepted, UnknownRecipient
 
-from .conftest import connect, receive, receive_messages, receive_type, request
+from .conftest import connect, receive, receive_messages, request
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -212,6 +212,39 @@ def _status(credentials, seq) -> str:
     return Delivery.objects.get(recipient=credentials.agent, seq=seq).status
 
 
+async def _until_status(credentials, seq, status: str, waited_for: str) -> None:
+    deadline = time.monotonic() + 5
+    while await database_sync_to_async(_status)(credentials, seq) != status:
+        assert time.monotonic() < deadline, f"the {waited_for}"
+        await asyncio.sleep(0.02)
+
+
+async def _three_sent_to_bob(writer, alice) -> int:
+    """Send three messages through `writer`; how many batches it had written then."""
+    for n in range(3):
+        await writer.send(outgoing(alice, "bob", n))
+    return writer.batches_written
+
+
+async def _statuses(credentials, seqs) -> list[str]:
+    return [await database_sync_to_async(_status)(credentials, seq) for seq in seqs]
+
+
+async def _until_a_batch_after(writer, written: int) -> None:
+    deadline = time.monotonic() + 5
+    while writer.batches_written == written and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def _a_message_from_alice_to_bob(alice, bob):
+    """Alice's and Bob's sockets, and the message frame Bob got from Alice."""
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
+    [frame] = await receive_messages(b, 1)
+    return a, b, frame
+
+
 async def test_a_delivered_mark_alone_waits_for_the_record_delay(alice, bob, monkeypatch):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 0.5)
     writer = engine()
@@ -221,22 +254,18 @@ async def test_a_delivered_mark_alone_waits_for_the_record_delay(alice, bob, mon
     await asyncio.sleep(0.1)
     assert writer.batches_written == written  # no batch for a mark alone yet
     assert await database_sync_to_async(_status)(bob, 1) == "queued"
-    deadline = time.monotonic() + 5
-    while writer.batches_written == written and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await _until_a_batch_after(writer, written)
     assert await database_sync_to_async(_status)(bob, 1) == "delivered"
 
 
 async def test_delivered_marks_go_with_the_next_send(alice, bob, monkeypatch):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
     writer = engine()
-    for n in range(3):
-        await writer.send(outgoing(alice, "bob", n))
-    written = writer.batches_written
+    written = await _three_sent_to_bob(writer, alice)
     writer.mark_delivered(bob.agent.pk, [1, 2])
     await writer.send(outgoing(alice, "bob", 3))
     assert writer.batches_written == written + 1
-    statuses = [await database_sync_to_async(_status)(bob, seq) for seq in (1, 2, 3, 4)]
+    statuses = await _statuses(bob, (1, 2, 3, 4))
     assert statuses == ["delivered", "delivered", "queued", "queued"]
 
 
@@ -260,9 +289,7 @@ async def test_a_quiet_ack_alone_waits_for_the_ack_delay(alice, bob, monkeypatch
     await asyncio.sleep(0.1)
     assert writer.batches_written == written  # no batch for a quiet ack alone yet
     assert await database_sync_to_async(_status)(bob, 1) == "queued"
-    deadline = time.monotonic() + 5
-    while writer.batches_written == written and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await _until_a_batch_after(writer, written)
     assert await database_sync_to_async(_status)(bob, 1) == "acked"
 
 
@@ -272,23 +299,18 @@ async def test_a_quiet_ack_goes_with_the_next_send_and_hurries_waiting_marks(
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
     monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
     writer = engine()
-    for n in range(3):
-        await writer.send(outgoing(alice, "bob", n))
-    written = writer.batches_written
+    written = await _three_sent_to_bob(writer, alice)
     writer.mark_delivered(bob.agent.pk, [2, 3])
     writer.ack_quietly(batch.Ack(bob.agent.pk, up_to_seq=1, answer=False))
     await writer.send(outgoing(alice, "bob", 3))
     assert writer.batches_written == written + 1
-    statuses = [await database_sync_to_async(_status)(bob, seq) for seq in (1, 2, 3, 4)]
+    statuses = await _statuses(bob, (1, 2, 3, 4))
     assert statuses == ["acked", "delivered", "delivered", "queued"]
     # An ack due sooner than the marks brings them along.
     monkeypatch.setattr(engine_module, "ACK_DELAY", 0.05)
     writer.mark_delivered(bob.agent.pk, [4])
     writer.ack_quietly(batch.Ack(bob.agent.pk, up_to_seq=2, answer=False))
-    deadline = time.monotonic() + 5
-    while await database_sync_to_async(_status)(bob, 4) != "delivered":
-        assert time.monotonic() < deadline, "the ack waited for RECORD_DELAY"
-        await asyncio.sleep(0.02)
+    await _until_status(bob, 4, "delivered", "ack waited for RECORD_DELAY")
     assert await database_sync_to_async(_status)(bob, 2) == "acked"
 
 
@@ -297,10 +319,7 @@ async def test_a_session_opening_here_reads_the_backlog_after_the_queued_acks(
 ):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
     monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
-    a, _ = await connect(alice)
-    first, _ = await connect(bob)
-    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
-    [frame] = await receive_messages(first, 1)
+    a, first, frame = await _a_message_from_alice_to_bob(alice, bob)
     await first.send_json_to({"type": "ack", "up_to_seq": frame["seq"]})
     await asyncio.sleep(0.05)
     assert await database_sync_to_async(_status)(bob, 1) == "queued"  # mark and ack wait here
@@ -315,31 +334,19 @@ async def test_a_session_opening_here_reads_the_backlog_after_the_queued_acks(
 async def test_a_closing_socket_has_its_quiet_acks_written_at_once(alice, bob, monkeypatch):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
     monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
-    a, _ = await connect(alice)
-    b, _ = await connect(bob)
-    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
-    [frame] = await receive_messages(b, 1)
+    a, b, frame = await _a_message_from_alice_to_bob(alice, bob)
     await b.send_json_to({"type": "ack", "up_to_seq": frame["seq"]})
     await asyncio.sleep(0.05)
     await b.disconnect()
-    deadline = time.monotonic() + 5
-    while await database_sync_to_async(_status)(bob, 1) != "acked":
-        assert time.monotonic() < deadline, "the ack waited for ACK_DELAY"
-        await asyncio.sleep(0.02)
+    await _until_status(bob, 1, "acked", "ack waited for ACK_DELAY")
     await a.disconnect()
 
 
 async def test_a_closing_socket_has_its_delivered_marks_written_at_once(alice, bob, monkeypatch):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
-    a, _ = await connect(alice)
-    b, _ = await connect(bob)
-    await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "s"})
-    await receive_type(b, "message")
+    a, b, _ = await _a_message_from_alice_to_bob(alice, bob)
     await b.disconnect()
-    deadline = time.monotonic() + 5
-    while await database_sync_to_async(_status)(bob, 1) != "delivered":
-        assert time.monotonic() < deadline, "the mark waited for RECORD_DELAY"
-        await asyncio.sleep(0.02)
+    await _until_status(bob, 1, "delivered", "mark waited for RECORD_DELAY")
     await a.disconnect()
 
 
