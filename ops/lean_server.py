@@ -291,10 +291,11 @@ def _write_without_polling() -> None:
 
     def _flush(reactor, writer):
         flushing = reactor._flushing
-        if writer not in flushing or not writer.connected:
-            flushing.discard(writer)
-            return  # stopped writing meanwhile, or closed
+        if writer not in flushing:
+            return  # stopped writing meanwhile
         flushing.discard(writer)
+        if not writer.connected:
+            return
         # What the loop would do when the socket is writable: write, and close it if asked to.
         reactor._readOrWrite(writer, False)
         if writer.connected and (writer._tempDataLen or writer.offset < len(writer.dataBuffer)):
