@@ -2,10 +2,12 @@
 
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcp_project.settings")
-# Django must be set up before anything imports models.
+
+from ops.http_threads import get_asgi_application  # noqa: E402
+
+# Django must be set up before anything imports models. Requests run on a pool of threads that
+# keep their database connections (ops/http_threads.py).
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

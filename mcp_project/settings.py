@@ -233,6 +233,9 @@ HUB = {
     "WS_ABUSE_LIMIT": env_int("HUB_WS_ABUSE_LIMIT", 200, minimum=1),
     # Open sockets one agent may hold at once (close 4409 past it).
     "MAX_CONNECTIONS_PER_AGENT": env_int("HUB_MAX_CONNECTIONS_PER_AGENT", 20, minimum=1),
+    # Threads an HTTP server process runs requests' synchronous work on, each keeping its
+    # database connection between requests (ops/http_threads.py); more requests at once wait.
+    "HTTP_THREADS": env_int("HUB_HTTP_THREADS", 4, minimum=1),
     # On SIGTERM, seconds to wait for sockets closed with 1012 to finish before exiting.
     "SHUTDOWN_GRACE_SECONDS": env_int("HUB_SHUTDOWN_GRACE_SECONDS", 10, minimum=0),
     # Shared context (contexts/): seconds an entry lives after each write unless it asks otherwise.
