@@ -47,7 +47,20 @@ def main(argv=None) -> None:
 
     django.setup()
     agents = provision(orjson.loads(args.spec.read_bytes()))
+    settle_statistics()
     args.out.write_bytes(orjson.dumps(agents))
+
+
+def settle_statistics() -> None:
+    """Give PostgreSQL's planner statistics of the tables just filled, as autovacuum would
+    within a minute of the bulk insert. Measured straight after provisioning, the planner still
+    believed the tables empty: nine active agents of 10,000, a sequential scan of the capabilities
+    for one page of discovery (8 ms of database time a request instead of under one)."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
 
 
 if __name__ == "__main__":
