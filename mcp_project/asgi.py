@@ -10,8 +10,6 @@ from ops.http_threads import get_asgi_application  # noqa: E402
 # keep their database connections (ops/http_threads.py).
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-
 from agents.checks import refuse_unsafe_production  # noqa: E402
 
 # Servers run no system checks of their own: in production, unsafe settings stop the start here.
@@ -19,6 +17,7 @@ refuse_unsafe_production()
 
 from messaging.routing import websocket_urlpatterns  # noqa: E402
 from ops import collector, lean_server, shutdown  # noqa: E402
+from ops.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from security import server as server_hardening  # noqa: E402
 
 # Under daphne: on SIGTERM close every agent socket with 1012 before exiting (ops/shutdown.py).
@@ -30,6 +29,7 @@ server_hardening.install()
 # per-socket copies of its options (ops/lean_server.py).
 lean_server.install()
 
+# Routed without a suspended coroutine per routing level (ops/routing.py).
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,

@@ -31,6 +31,22 @@ async def test_it_closes_with_4401_on_a_bad_token_in_the_auth_frame(hub):
     assert await sock.wait_closed() == 4401
 
 
+async def test_it_refuses_a_socket_to_a_path_without_a_route(hub):
+    address = urlsplit(hub.ws_url(0))
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /ws/nowhere/ HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {E2E_ORIGIN}\r\n\r\n".encode()
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 500"), head
+
+
 async def test_it_closes_with_4408_when_no_credentials_arrive_in_time(hub):
     # The hub runs with HUB_AUTH_TIMEOUT=1 (see conftest.BASE_ENV).
     started = time.monotonic()
