@@ -14,7 +14,7 @@ from agents import services as agent_services
 from messaging import consumers, live, services, tasks
 from messaging.models import DeadLetter, Delivery, Message
 
-from .conftest import connect, in_db, receive_messages, receive_type, request
+from .conftest import connect, in_db, receive, receive_messages, receive_type, request
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -452,3 +452,27 @@ def test_purging_old_messages_keeps_those_still_deliverable(alice, bob, carol, h
     kept = set(Message.objects.values_list("pk", flat=True))
     assert kept == {waiting.message_id, recent.message_id}
     assert settled.message_id not in kept and orphaned.message_id not in kept
+
+
+async def test_a_session_reads_no_backlog_until_the_agent_was_sent_something(
+    alice, bob, monkeypatch
+):
+    reads = []
+    read_backlog = services.pending_frames
+
+    def pending_frames(**kwargs):
+        reads.append(kwargs["recipient"].agent_id)
+        return read_backlog(**kwargs)
+
+    monkeypatch.setattr(services, "pending_frames", pending_frames)
+    b, welcome = await connect(bob)
+    assert welcome["pending"] == 0 and reads == []
+    await b.disconnect()
+    a, _ = await connect(alice)
+    await request(a, {"type": "send", "to": "bob", "payload": {"n": 1}, "ref": "s1"})
+    b, welcome = await connect(bob)
+    assert welcome["pending"] == 1 and "bob" in reads
+    message = await receive(b)
+    assert message["payload"] == {"n": 1} and message["seq"] == 1
+    await a.disconnect()
+    await b.disconnect()
