@@ -8,7 +8,8 @@ from django.utils import timezone
 from rest_framework_simplejwt.tokens import AccessToken
 
 from agents import services as agent_services
-from agents.models import IssuedToken
+from agents.models import Connection, IssuedToken
+from ops.shutdown import live_consumers
 
 from .conftest import closed_and_finished, communicator_for, connect, in_db, receive, request
 
@@ -71,6 +72,27 @@ async def test_a_first_frame_token_opens_a_session_from_an_allowed_origin(alice,
     assert welcome["type"] == "welcome" and welcome["agent_id"] == "alice"
     heartbeat = await request(communicator, {"type": "heartbeat", "ref": "h"})
     assert heartbeat["type"] == "heartbeat_ack"
+    await communicator.disconnect()
+
+
+async def test_a_socket_keeps_no_handshake_header_and_its_session_records_the_user_agent(
+    alice, console_origin
+):
+    communicator = communicator_for(headers=[*console_origin, (b"user-agent", b"agent-sdk/2.0")])
+    connected, _ = await communicator.connect()
+    assert connected
+    # The session opens after connect, by an auth frame: the user agent was read at connect.
+    welcome = await request(communicator, {"type": "auth", "token": alice.access, "ref": "a"})
+    [consumer] = [
+        c
+        for c in live_consumers
+        if c.connection is not None and str(c.connection.session_id) == welcome["session_id"]
+    ]
+    assert consumer.scope["headers"] == ()
+    # Nor does the consumer's suspended coroutine keep the scope it was called with.
+    assert "scope" not in communicator.future.get_coro().cr_frame.f_locals
+    connection = await in_db(Connection.objects.get)(session_id=welcome["session_id"])
+    assert connection.user_agent == "agent-sdk/2.0"
     await communicator.disconnect()
 
 
