@@ -10,6 +10,21 @@ socket's registered producer. It does nothing in that role any more (it consider
 with the upgrade request for good), but it keeps itself and the request, with its headers and
 body buffer, alive for the socket's lifetime. It is unregistered once the socket is handed over.
 
+Per socket, too: once a socket is open, autobahn still keeps its opening handshake (the
+request's bytes, its parsed headers and the parts of its first line, the response it sent, what
+it negotiated from) and daphne the request and the headers it cleaned for the scope. Nothing
+reads them again but daphne, for the request's path in the access log, so when the socket opens
+they are dropped and the request is replaced by its path (`OpenedRequest`): 10,185 -> 6,626
+traced bytes per socket through autobahn's own handshake, with a 300-byte bearer token (the
+scope's reference to the headers is the consumer's to drop, messaging/consumers.py).
+
+Per socket, too: autobahn copies 29 protocol options from the factory onto each socket as it
+connects, which takes the socket's attribute dict to 99 entries (3.3 KB). The factory's
+protocol class holds them instead (`share_options`), and autobahn copies none: 70 entries in
+1.6 KB, 10,185 -> 8,441 traced bytes per socket, and a handshake took about 150 µs less CPU
+(about 350 -> 210 µs). Nor is the list of those options pretty-printed for a debug line at
+every connect (about 0.1 ms more).
+
 Per frame: autobahn builds the arguments of its debug log lines (`hltype`, `hlval`: names styled
 with terminal colours) for every frame it sends or reads, whether or not debug logging is on;
 that was about 5% of the hub's CPU time in the direct benchmark (and, for every read, 2.3% of the
@@ -34,8 +49,8 @@ extension, built for the frame: two C allocations, a copy in and a copy out, abo
 in 0.6 µs. Direct benchmark (SQLite, three alternating runs each): 8,376-8,804 -> 8,579-9,404
 messages/s, 125-131 -> 115-126 µs of server CPU per message.
 
-Measured and left out: reading autobahn's ~60 protocol options from the factory instead of
-copying them onto each socket saved about 2 KB per socket but cut the connect rate by a third.
+Measured and left out: reading the options from the factory through a fallback lookup, instead
+of from the protocol class, saved as much per socket but cut the connect rate by a third.
 """
 
 import asyncio
@@ -110,6 +125,8 @@ def install() -> None:
     _no_message_signal_without_listeners()
     _write_without_polling()
     _release_upgraded_http_requests()
+    _release_handshake_leftovers()
+    _options_on_the_protocol_class()
     _small_frame_masker()
 
 
@@ -150,6 +167,8 @@ def _plain_debug_log_arguments() -> None:
     for module in (protocol, websocket):
         module.hltype = _plain
         module.hlval = _plain
+    # The options a socket starts with, for a debug line: about 0.1 ms of every connect.
+    protocol.pformat = _plain
 
 
 def _utf8_checked_once() -> None:
@@ -193,6 +212,106 @@ def _release_upgraded_http_requests() -> None:
 
     process.original = original
     WebRequest.process = process
+
+
+# What autobahn and daphne keep of a WebSocket's opening handshake and read no more once the
+# socket is open: the request (its raw bytes, parsed headers and parts of its first line), the
+# response, what the handshake negotiated from, and the headers daphne cleaned for the scope.
+HANDSHAKE_LEFTOVERS = (
+    "http_request_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "http_response_data",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
+    "_wskey",
+    "clean_headers",
+    "application_deferred",
+)
+
+
+class OpenedRequest:
+    """What daphne reads of a WebSocket's handshake request once it is open: the path, for the
+    access log."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+
+def _release_handshake_leftovers() -> None:
+    from daphne.ws_protocol import WebSocketProtocol
+
+    original = WebSocketProtocol.onOpen
+
+    def onOpen(protocol):
+        original(protocol)
+        protocol.request = OpenedRequest(protocol.request.path)
+        attributes = protocol.__dict__
+        for name in HANDSHAKE_LEFTOVERS:
+            attributes.pop(name, None)
+
+    onOpen.original = original
+    WebSocketProtocol.onOpen = onOpen
+
+
+def _options_on_the_protocol_class() -> None:
+    from daphne.ws_protocol import WebSocketFactory
+
+    original_set = WebSocketFactory.setProtocolOptions
+    original_reset = WebSocketFactory.resetProtocolOptions
+
+    def setProtocolOptions(factory, *args, **kwargs):
+        original_set(factory, *args, **kwargs)
+        share_options(factory)
+
+    def resetProtocolOptions(factory):
+        original_reset(factory)
+        share_options(factory)
+
+    setProtocolOptions.original, resetProtocolOptions.original = original_set, original_reset
+    WebSocketFactory.setProtocolOptions = setProtocolOptions
+    WebSocketFactory.resetProtocolOptions = resetProtocolOptions
+
+
+def share_options(factory) -> None:
+    """Give the factory a protocol class of its own that holds the factory's options: autobahn
+    copies an option onto a socket only where the socket does not have it already.
+
+    A new class whenever the options change, so a socket keeps the options it started with, as
+    with autobahn's copies. An option the protocol class sets itself stays as it is: autobahn
+    lets it win over the factory's.
+    """
+    protocol = factory.protocol
+    if "_options_shared" in vars(protocol):
+        protocol = protocol.__base__
+    options = {
+        name: _class_attribute(getattr(factory, name))
+        for name in protocol.CONFIG_ATTRS
+        if not hasattr(protocol, name)
+    }
+    factory.protocol = type(
+        protocol.__name__,
+        (protocol,),
+        {
+            "__module__": protocol.__module__,
+            "__qualname__": protocol.__qualname__,
+            "_options_shared": True,
+            **options,
+        },
+    )
+
+
+def _class_attribute(value):
+    """`value` as a class attribute that reads back as itself through an instance: a function
+    (perMessageCompressionAccept) would otherwise read back as a method of the socket."""
+    return staticmethod(value) if hasattr(type(value), "__get__") else value
 
 
 class SmallFrameMasker:

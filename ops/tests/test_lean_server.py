@@ -1,12 +1,18 @@
-"""What ops/lean_server.py changes in daphne: the input queue, debug-log arguments, and the
-HTTP request a WebSocket was upgraded from."""
+"""What ops/lean_server.py changes in daphne: the input queue, debug-log arguments, the HTTP
+request a WebSocket was upgraded from, and what an open socket keeps of its handshake."""
 
 import asyncio
+import base64
 import gc
+import os
 import random
 import weakref
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from ops import lean_server
 from ops.lean_server import InputQueue, SmallFrameMasker
@@ -66,6 +72,10 @@ def daphne_installed(monkeypatch):
     monkeypatch.setattr(Server, "create_application", Server.create_application)
     monkeypatch.setattr(WebRequest, "process", WebRequest.process)
     monkeypatch.setattr(WebSocketFactory, "__init__", WebSocketFactory.__init__)
+    monkeypatch.setattr(WebSocketProtocol, "onOpen", WebSocketProtocol.onOpen)
+    for name in ("setProtocolOptions", "resetProtocolOptions"):
+        monkeypatch.setattr(WebSocketFactory, name, getattr(WebSocketFactory, name))
+    monkeypatch.setattr(protocol, "pformat", protocol.pformat)
     monkeypatch.setattr(WebSocketProtocol, "onMessage", WebSocketProtocol.onMessage)
     monkeypatch.setattr(WebSocketProtocol, "onMessageEnd", WebSocketProtocol.onMessageEnd)
     for module in (protocol, websocket):
@@ -102,6 +112,7 @@ def test_autobahn_debug_log_arguments_are_passed_plain(daphne_installed):
 
     for module in (protocol, websocket):
         assert module.hlval(42) == 42 and module.hltype(InputQueue) is InputQueue
+    assert protocol.pformat([("logOctets", False)]) == [("logOctets", False)]
     assert hlval(42) != 42  # autobahn's own helper is untouched elsewhere
 
 
@@ -219,6 +230,99 @@ def test_a_message_fires_autobahns_signal_only_for_a_socket_with_observers(daphn
     observed.onMessageEnd()
     assert observed.handed == [(b'{"type": "heartbeat"}', False)]
     assert seen == [b'{"type": "heartbeat"}']  # autobahn's own, signal included
+
+
+class HandshakeServer:
+    """What daphne's WebSocket protocol asks of its server, with the access log recorded."""
+
+    root_path = ""
+    proxy_forwarded_address_header = None
+
+    def __init__(self):
+        self.logged = []
+        self.scope = None
+
+    def protocol_connected(self, protocol):
+        pass
+
+    def protocol_disconnected(self, protocol):
+        pass
+
+    def create_application(self, protocol, scope):
+        self.scope = scope
+        return InputQueue()
+
+    def log_action(self, protocol, action, details):
+        self.logged.append((action, details["path"]))
+
+
+@pytest.fixture
+def factory(daphne_installed):
+    from daphne.ws_protocol import WebSocketFactory
+
+    factory = WebSocketFactory(HandshakeServer(), server="Daphne")
+    factory.setProtocolOptions(openHandshakeTimeout=0)  # no timer: no reactor runs here
+    return factory
+
+
+def opened_socket(factory):
+    """A socket of `factory` through autobahn's opening handshake, accepted by the application."""
+    socket = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    socket.makeConnection(StringTransport())
+    socket._raw_query_string = b""  # from daphne's HTTP side
+    key = base64.b64encode(os.urandom(16)).decode()
+    socket.dataReceived(
+        "GET /ws/agent/ HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Authorization: Bearer secret\r\n\r\n".encode()
+    )
+    socket.handle_reply({"type": "websocket.accept"})
+    assert socket.state == socket.STATE_OPEN
+    return socket
+
+
+def test_an_open_socket_keeps_nothing_of_its_handshake_but_the_path(factory):
+    socket = opened_socket(factory)
+    assert not set(lean_server.HANDSHAKE_LEFTOVERS) & set(vars(socket))
+    assert socket.request.path == "/ws/agent/"
+    # The application got the headers in its scope; what it keeps of them is its own business.
+    assert (b"authorization", b"Bearer secret") in factory.server_class.scope["headers"]
+
+    socket.handle_reply({"type": "websocket.close", "code": 1000})
+    socket.connectionLost(Failure(ConnectionDone()))
+    assert factory.server_class.logged == [
+        ("connecting", "/ws/agent/"),
+        ("connected", "/ws/agent/"),
+        ("disconnected", "/ws/agent/"),
+    ]
+
+
+def test_sockets_read_the_factorys_options_from_their_class_instead_of_copying_them(factory):
+    from autobahn.websocket.protocol import WebSocketServerProtocol
+
+    socket = opened_socket(factory)
+    assert not set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(socket))
+    for name in WebSocketServerProtocol.CONFIG_ATTRS:
+        # A function among them (perMessageCompressionAccept) reads back as itself.
+        assert getattr(socket, name) is getattr(factory, name), name
+    assert socket.utf8validateIncoming is False and socket.openHandshakeTimeout == 0
+
+
+def test_a_socket_keeps_the_options_it_started_with_as_with_autobahns_copies(factory):
+    socket = opened_socket(factory)
+    factory.setProtocolOptions(maxFramePayloadSize=1000)
+    assert socket.maxFramePayloadSize == 0
+    assert opened_socket(factory).maxFramePayloadSize == 1000
+    factory.resetProtocolOptions()
+    assert opened_socket(factory).utf8validateIncoming is True  # autobahn's default again
+
+
+def test_an_option_set_by_the_protocol_class_wins_as_in_autobahn(factory):
+    from daphne.ws_protocol import WebSocketProtocol
+
+    factory.protocol = type("Sized", (WebSocketProtocol,), {"maxFramePayloadSize": 7})
+    factory.setProtocolOptions(maxFramePayloadSize=1000)
+    assert opened_socket(factory).maxFramePayloadSize == 7
 
 
 @pytest.fixture
