@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcp_project.settings")
 
-from ops.http_threads import get_asgi_application  # noqa: E402
+from ops.http_threads import get_asgi_application
 
 # Django must be set up before anything imports models. Requests run on a pool of threads that
 # keep their database connections (ops/http_threads.py).

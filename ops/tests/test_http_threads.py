@@ -41,11 +41,11 @@ async def get(application, path: str, headers=()) -> tuple[int, bytes]:
 
 @pytest.fixture
 def opened_connections():
-    """The threads that opened a database connection, one entry per connection opened."""
+    """The names of the threads that opened a database connection, one per connection."""
     threads = []
 
     def opened(sender, connection, **kwargs):
-        threads.append(threading.get_ident())
+        threads.append(threading.current_thread().name)
 
     connection_created.connect(opened)
     yield threads
@@ -70,7 +70,9 @@ async def test_requests_reuse_their_threads_database_connections(
         status, body = await get(handler, "/api/v1/agents/", headers)
         assert status == 200, body
     # Django's own handler opens one per request (a thread each); here one per pool thread.
-    assert 1 <= len(opened_connections) <= 2
+    # Other threads of the process (a message writer, say) are not the requests'.
+    requests_opened = [name for name in opened_connections if name.startswith("http-")]
+    assert 1 <= len(requests_opened) <= 2
     assert handler.threads.idle == 2
 
 
