@@ -3,9 +3,12 @@
 import io
 import json
 import logging
+import subprocess
+import sys
 import uuid
 
 import pytest
+from django.conf import settings
 from prometheus_client import REGISTRY
 
 from mcp_project.logging import formatter
@@ -78,3 +81,17 @@ def json_log():
     yield JsonLog(stream)
     root.removeHandler(handler)
     root.setLevel(previous_level)
+
+
+def last_line_of(code: str) -> str:
+    """Run Python code in a process of its own, from the project's folder, and return the last
+    line it printed (loading the ASGI application, say, tunes the process's collector)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=settings.BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]

@@ -1,13 +1,12 @@
 """The server process's garbage collector: start-up heap frozen, young generation less often."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from django.conf import settings
 
 from ops.collector import SERVING_SWITCH_INTERVAL, SERVING_THRESHOLDS
+
+from .conftest import last_line_of
 
 PROBE = """
 import gc, json, sys
@@ -22,15 +21,7 @@ print(json.dumps({
 
 def test_loading_the_asgi_application_freezes_the_start_up_heap():
     # A process of its own: this one's collector is pytest's business.
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=settings.BASE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    state = json.loads(out.stdout.strip().splitlines()[-1])
+    state = json.loads(last_line_of(PROBE))
     # Django, DRF, Channels and the project: far more than any handful of objects.
     assert state["frozen"] > 50_000
     assert tuple(state["thresholds"]) == SERVING_THRESHOLDS

@@ -1,17 +1,15 @@
 """ops/routing.py: Channels' routing, with the consumer's coroutine as the only one per socket."""
 
-import subprocess
-import sys
-
 import pytest
 from channels.routing import URLRouter as ChannelsURLRouter
-from django.conf import settings
 from django.urls import path, re_path
 from django.urls.exceptions import Resolver404
 
 from messaging.consumers import AgentConsumer
 from messaging.routing import websocket_urlpatterns
 from ops.routing import ProtocolTypeRouter, URLRouter
+
+from .conftest import last_line_of
 
 
 async def http_app(scope, receive, send):
@@ -116,12 +114,4 @@ coroutine.close()
 
 def test_the_servers_application_routes_sockets_flat():
     # A process of its own: loading the application tunes the garbage collector.
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=settings.BASE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert out.stdout.strip().splitlines()[-1] == "AgentConsumer.__call__"
+    assert last_line_of(PROBE) == "AgentConsumer.__call__"

@@ -31,15 +31,20 @@ async def test_it_closes_with_4401_on_a_bad_token_in_the_auth_frame(hub):
     assert await sock.wait_closed() == 4401
 
 
+def write_opening_handshake(writer, address, path: str, header: str) -> None:
+    """Write a WebSocket opening handshake for `path` by hand, with one more header line."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"{header}\r\n\r\n".encode()
+    )
+
+
 async def test_it_refuses_a_socket_to_a_path_without_a_route(hub):
     address = urlsplit(hub.ws_url(0))
     reader, writer = await asyncio.open_connection(address.hostname, address.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET /ws/nowhere/ HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: {E2E_ORIGIN}\r\n\r\n".encode()
-    )
+    write_opening_handshake(writer, address, "/ws/nowhere/", f"Origin: {E2E_ORIGIN}")
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     finally:
@@ -143,12 +148,7 @@ class RawSocket:
     async def open(cls, url: str, token: str) -> "RawSocket":
         address = urlsplit(url)
         reader, writer = await asyncio.open_connection(address.hostname, address.port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET {address.path} HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
+        write_opening_handshake(writer, address, address.path, f"Authorization: Bearer {token}")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101"), head
         return cls(reader, writer)
