@@ -25,12 +25,11 @@ from django.db import connections
 class ThreadPool:
     """Single-thread executors lent to one request at a time, in the order requests asked."""
 
-    def __init__(self, threads: int, *, name: str = "http"):
+    def __init__(self, threads: int):
         if threads < 1:
             raise ValueError("threads must be at least 1")
-        self.size = threads
         self._idle: deque[ThreadPoolExecutor] = deque(
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-{index}")
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"http-{index}")
             for index in range(threads)
         )
         self._waiters: deque[asyncio.Future] = deque()
