@@ -125,12 +125,20 @@ class _Statements:
             f"SELECT client_id FROM {self.message} WHERE sender_id = {p}"
             " AND client_id IS NOT NULL AND client_id IN ("
         )
+        # An ack also records the delivery its client saw, where no delivered mark did yet (the
+        # engine drops the marks an ack covers): the ack's time as the delivery's, one attempt.
+        # Its parameters start with the time twice.
+        self.acked = (
+            f"status = '{Delivery.Status.ACKED}', acked_at = {p},"
+            f" delivered_at = COALESCE(delivered_at, {p}),"
+            " attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END"
+        )
         self.ack_up_to = (
-            f"UPDATE {self.delivery} SET status = '{Delivery.Status.ACKED}', acked_at = {p}"
+            f"UPDATE {self.delivery} SET {self.acked}"
             f" WHERE recipient_id = {p} AND seq <= {p} AND {self.pending}"
         )
         self.ack_ids = (
-            f"UPDATE {self.delivery} SET status = '{Delivery.Status.ACKED}', acked_at = {p}"
+            f"UPDATE {self.delivery} SET {self.acked}"
             f" WHERE recipient_id = {p} AND {self.pending} AND message_id IN ("
         )
         self.touch_connections = f"UPDATE {connection_table} SET last_seen_at = {p} WHERE id IN ("
@@ -217,15 +225,15 @@ class _Statements:
 
     def settle_up_to(self, cursor, now, recipient_id: int, up_to_seq: int) -> list:
         """Ack a recipient's deliveries up to a seq; the cursors' row counts say how many."""
-        return self.query(cursor, self.ack_up_to, (now, recipient_id, up_to_seq))
+        return self.query(cursor, self.ack_up_to, (now, now, recipient_id, up_to_seq))
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
         """Ack a recipient's deliveries of these messages; the cursors' row counts say how many."""
-        return _query_in(cursor, self, self.ack_ids, ids, before=(now, recipient_id))
+        return _query_in(cursor, self, self.ack_ids, ids, before=(now, now, recipient_id))
 
     def ack_silently(self, cursor, now, rows) -> None:
         """Apply (recipient_id, up_to_seq) acks nobody waits to hear about."""
-        cursor.executemany(self.ack_up_to, [(now, *row) for row in rows])
+        cursor.executemany(self.ack_up_to, [(now, now, *row) for row in rows])
 
     def mark(self, cursor, now, rows) -> None:
         """Record (recipient_id, seq) frames as written to a socket."""
@@ -303,11 +311,11 @@ class _PostgresStatements(_Statements):
             " WHERE m.client_id IS NOT NULL"
         )
         self.ack_ids_any = (
-            f"UPDATE {self.delivery} SET status = '{Delivery.Status.ACKED}', acked_at = %s"
+            f"UPDATE {self.delivery} SET {self.acked}"
             f" WHERE recipient_id = %s AND {self.pending} AND message_id = ANY(%s::uuid[])"
         )
         self.ack_up_to_rows = (
-            f"UPDATE {self.delivery} AS d SET status = '{Delivery.Status.ACKED}', acked_at = %s"
+            f"UPDATE {self.delivery} AS d SET {self.acked}"
             " FROM unnest(%s::bigint[], %s::bigint[]) AS v (recipient_id, up_to)"
             f" WHERE d.recipient_id = v.recipient_id AND d.seq <= v.up_to AND d.{self.pending}"
         )
@@ -372,14 +380,14 @@ class _PostgresStatements(_Statements):
         return lambda: dict(_rows(bumped)), lambda: _rows(sockets)
 
     def settle_up_to(self, cursor, now, recipient_id: int, up_to_seq: int) -> list:
-        return self.query(cursor, self.ack_up_to_rows, (now, [recipient_id], [up_to_seq]))
+        return self.query(cursor, self.ack_up_to_rows, (now, now, [recipient_id], [up_to_seq]))
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
-        return self.query(cursor, self.ack_ids_any, (now, recipient_id, ids))
+        return self.query(cursor, self.ack_ids_any, (now, now, recipient_id, ids))
 
     def ack_silently(self, cursor, now, rows) -> None:
         recipient_ids, up_to = _columns(rows)
-        self.run(cursor, self.ack_up_to_rows, (now, recipient_ids, up_to))
+        self.run(cursor, self.ack_up_to_rows, (now, now, recipient_ids, up_to))
 
     def mark(self, cursor, now, rows) -> None:
         recipient_ids, seqs = _columns(rows)

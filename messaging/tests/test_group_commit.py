@@ -114,6 +114,9 @@ def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob):
     assert result.acks == [2, 1]
     assert [status for _, _, status in inbox(bob)] == ["acked", "acked", "delivered", "acked"]
     assert Delivery.objects.get(recipient=bob.agent, seq=3).attempts == 1
+    # An ack records the delivery its client saw where no mark did, by seq or by message id.
+    for acked in Delivery.objects.filter(recipient=bob.agent, seq__in=[1, 2, 4]):
+        assert acked.attempts == 1 and acked.delivered_at == acked.acked_at
     assert batch.write_batch([], acks[2:], {}).acks == [None]
     assert [status for _, _, status in inbox(bob)] == ["acked"] * 4
 
@@ -258,15 +261,50 @@ async def test_a_delivered_mark_alone_waits_for_the_record_delay(alice, bob, mon
     assert await database_sync_to_async(_status)(bob, 1) == "delivered"
 
 
-async def test_delivered_marks_go_with_the_next_send(alice, bob, monkeypatch):
-    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+async def test_delivered_marks_wait_for_their_delay_while_sends_are_written(
+    alice, bob, monkeypatch
+):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 0.3)
     writer = engine()
     written = await _three_sent_to_bob(writer, alice)
     writer.mark_delivered(bob.agent.pk, [1, 2])
     await writer.send(outgoing(alice, "bob", 3))
     assert writer.batches_written == written + 1
     statuses = await _statuses(bob, (1, 2, 3, 4))
-    assert statuses == ["delivered", "delivered", "queued", "queued"]
+    assert statuses == ["queued"] * 4
+    # Due, they go with the next batch, or one of their own.
+    await _until_status(bob, 2, "delivered", "marks never written")
+    assert await _statuses(bob, (1, 2, 3, 4)) == ["delivered", "delivered", "queued", "queued"]
+
+
+@pytest.mark.parametrize("answer", [True, False])
+async def test_an_ack_drops_the_queued_marks_it_covers_and_records_the_delivery(
+    alice, bob, monkeypatch, answer
+):
+    monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
+    monkeypatch.setattr(engine_module, "ACK_DELAY", 0.05)
+    writer = engine()
+    await _three_sent_to_bob(writer, alice)
+    writer.mark_delivered(bob.agent.pk, [1, 2, 3])
+    ack = batch.Ack(bob.agent.pk, up_to_seq=2, answer=answer)
+    future = writer.ack(ack) if answer else writer.ack_quietly(ack)
+    assert writer._marks == {bob.agent.pk: [3]}  # no statement for the marks the ack covers
+    if answer:
+        assert await future == 2
+    else:
+        await _until_status(bob, 2, "acked", "quiet ack never written")
+    await writer.write_records_now()
+
+    def rows():
+        deliveries = Delivery.objects.filter(recipient=bob.agent).order_by("seq")
+        return [(row.status, row.attempts, row.delivered_at is not None) for row in deliveries]
+
+    # Each delivery was written to the socket once: acked ones count it without their mark.
+    assert await database_sync_to_async(rows)() == [
+        ("acked", 1, True),
+        ("acked", 1, True),
+        ("delivered", 1, True),
+    ]
 
 
 async def test_acks_a_client_waits_to_hear_about_are_written_at_once(alice, bob, monkeypatch):
@@ -293,7 +331,7 @@ async def test_a_quiet_ack_alone_waits_for_the_ack_delay(alice, bob, monkeypatch
     assert await database_sync_to_async(_status)(bob, 1) == "acked"
 
 
-async def test_a_quiet_ack_goes_with_the_next_send_and_hurries_waiting_marks(
+async def test_a_quiet_ack_goes_with_the_next_send_and_the_marks_wait(
     alice, bob, monkeypatch
 ):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
@@ -305,13 +343,11 @@ async def test_a_quiet_ack_goes_with_the_next_send_and_hurries_waiting_marks(
     await writer.send(outgoing(alice, "bob", 3))
     assert writer.batches_written == written + 1
     statuses = await _statuses(bob, (1, 2, 3, 4))
+    assert statuses == ["acked", "queued", "queued", "queued"]  # the marks wait for their delay
+    # A closing socket has everything queued written at once.
+    await writer.write_records_now()
+    statuses = await _statuses(bob, (1, 2, 3, 4))
     assert statuses == ["acked", "delivered", "delivered", "queued"]
-    # An ack due sooner than the marks brings them along.
-    monkeypatch.setattr(engine_module, "ACK_DELAY", 0.05)
-    writer.mark_delivered(bob.agent.pk, [4])
-    writer.ack_quietly(batch.Ack(bob.agent.pk, up_to_seq=2, answer=False))
-    await _until_status(bob, 4, "delivered", "ack waited for RECORD_DELAY")
-    assert await database_sync_to_async(_status)(bob, 2) == "acked"
 
 
 async def test_a_session_opening_here_reads_the_backlog_after_the_queued_acks(
