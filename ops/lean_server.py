@@ -49,12 +49,25 @@ extension, built for the frame: two C allocations, a copy in and a copy out, abo
 in 0.6 µs. Direct benchmark (SQLite, three alternating runs each): 8,376-8,804 -> 8,579-9,404
 messages/s, 125-131 -> 115-126 µs of server CPU per message.
 
+Per socket, too: what is left of autobahn's attribute dict once a socket is open is still
+about 57 entries, past the 30 that CPython shares between instances of a class, so each socket
+has a dict of its own of 128 slots (1.6 KB). 36 of the entries hold the same value on every
+open socket (autobahn's `_connectionMade` sets them all: flags False, timers and close codes None,
+counters 0); the protocol class holds those (`OPEN_DEFAULTS`), the socket drops its copies when
+it opens, and the dict is rebuilt to fit the rest: 22 entries in 64 slots (832 bytes), which
+still hold the 33 of a socket that has read frames since (autobahn sets some of them again per
+frame; each is then the socket's own, as before). autobahn's send queue, a deque of 760 bytes
+from the start, is empty and stays so under daphne (it queues only chopped or synchronous
+writes); it is a list (`SendQueue`, 56 bytes) from then on. bench idle, 3,000 sockets, SQLite:
+20.7, 19.3 and 19.2 -> 17.9 and 17.5 KB per socket (both changes, alternating runs).
+
 Measured and left out: reading the options from the factory through a fallback lookup, instead
 of from the protocol class, saved as much per socket but cut the connect rate by a third.
 """
 
 import asyncio
 import sys
+from collections import deque
 from functools import partial
 
 _installed = False
@@ -256,9 +269,85 @@ def _release_handshake_leftovers() -> None:
         attributes = protocol.__dict__
         for name in HANDSHAKE_LEFTOVERS:
             attributes.pop(name, None)
+        _drop_open_defaults(protocol)
 
     onOpen.original = original
     WebSocketProtocol.onOpen = onOpen
+
+
+# What every open socket of autobahn's (and daphne's) holds alike: what `_connectionMade` and the
+# handshake set, read back through the protocol class once the socket drops its own copy. Only
+# immutable values: a socket that changes one sets its own, as autobahn does.
+OPEN_DEFAULTS = {
+    "state": 3,  # WebSocketProtocol.STATE_OPEN
+    "send_state": 0,  # SEND_STATE_GROUND
+    "data": b"",
+    "triggered": False,
+    "_perMessageCompress": None,
+    "trackedTimings": None,
+    "wasMaxFramePayloadSizeExceeded": False,
+    "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False,
+    "failedByMe": False,
+    "droppedByMe": False,
+    "wasClean": False,
+    "wasNotCleanReason": None,
+    "wasServerConnectionDropTimeout": False,
+    "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False,
+    "localCloseCode": None,
+    "localCloseReason": None,
+    "remoteCloseCode": None,
+    "remoteCloseReason": None,
+    "serverConnectionDropTimeoutCall": None,
+    "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None,
+    "autoPingTimeoutCall": None,
+    "autoPingPending": None,
+    "autoPingPendingCall": None,
+    "autoPingPendingSeq": 0,
+    "autoPingPendingSent": None,
+    "websocket_version": 13,
+    "websocket_protocol_in_use": None,
+    "inside_message": False,
+    "current_frame": None,
+    "protocol_to_accept": None,
+    "root_path": "",
+    "_raw_query_string": b"",
+}
+
+
+class SendQueue(list):
+    """autobahn's send queue as a list: the deque it makes takes 760 bytes before it holds
+    anything, for a queue that under daphne stays empty (it queues only chopped or synchronous
+    writes). The same operations: append, popleft, len."""
+
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
+def _drop_open_defaults(protocol) -> None:
+    """Drop what an open socket holds alike with every other (`OPEN_DEFAULTS`) where its class
+    holds the same, make its empty send queue a `SendQueue`, and rebuild its attribute dict to
+    fit what is left (a dict does not shrink as entries leave it)."""
+    cls = type(protocol)
+    if "_options_shared" not in vars(cls):
+        return  # not a class of share_options: it has no defaults to read back
+    attributes = protocol.__dict__
+    for name, default in OPEN_DEFAULTS.items():
+        if _same(attributes.get(name, attributes), default) and _same(getattr(cls, name), default):
+            del attributes[name]
+    queue = attributes.get("send_queue")
+    if type(queue) is deque and not queue:
+        attributes["send_queue"] = SendQueue()
+    protocol.__dict__ = dict(attributes.items())
+
+
+def _same(value, default) -> bool:
+    return type(value) is type(default) and value == default
 
 
 def _options_on_the_protocol_class() -> None:
@@ -296,6 +385,8 @@ def share_options(factory) -> None:
         for name in protocol.CONFIG_ATTRS
         if not hasattr(protocol, name)
     }
+    # Read back through the class by open sockets that drop their own (_drop_open_defaults).
+    defaults = {name: value for name, value in OPEN_DEFAULTS.items() if not hasattr(protocol, name)}
     factory.protocol = type(
         protocol.__name__,
         (protocol,),
@@ -303,6 +394,7 @@ def share_options(factory) -> None:
             "__module__": protocol.__module__,
             "__qualname__": protocol.__qualname__,
             "_options_shared": True,
+            **defaults,
             **options,
         },
     )

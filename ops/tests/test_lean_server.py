@@ -405,3 +405,80 @@ async def test_a_socket_with_room_is_written_at_the_end_of_the_turn_without_poll
     finally:
         loop.add_writer = original
         peer.close()
+
+
+def test_an_open_socket_reads_what_every_socket_holds_alike_from_its_class(factory):
+    from collections import deque
+
+    from daphne.ws_protocol import WebSocketProtocol
+
+    # What autobahn and daphne set per socket, from a socket that drops nothing.
+    reference = factory.protocol.__base__
+    assert not hasattr(reference, "_options_shared")
+    socket = opened_socket(factory)
+    assert not set(lean_server.OPEN_DEFAULTS) & set(vars(socket))
+    for name, default in lean_server.OPEN_DEFAULTS.items():
+        value = getattr(socket, name)
+        assert type(value) is type(default) and value == default, name
+    assert socket.state == WebSocketProtocol.STATE_OPEN
+    assert isinstance(socket.send_queue, lean_server.SendQueue) and not socket.send_queue
+    # The rest is as it was: the queue daphne feeds, the path, the close Deferred.
+    assert isinstance(socket.application_queue, InputQueue) and socket.path == b"/ws/agent/"
+    assert not socket.is_closed.called
+    assert deque is not type(socket.send_queue)
+
+
+def test_a_default_a_socket_sets_again_is_its_own(factory):
+    first, second = opened_socket(factory), opened_socket(factory)
+    first.handle_reply({"type": "websocket.close", "code": 1000})
+    assert first.state == first.STATE_CLOSING and first.closedByMe is True
+    assert first.localCloseCode == 1000
+    assert second.state == second.STATE_OPEN and second.closedByMe is False
+    assert second.localCloseCode is None
+    assert type(second).closedByMe is False and type(second).state == second.STATE_OPEN
+    first.connectionLost(Failure(ConnectionDone()))
+    assert first.state == first.STATE_CLOSED and second.state == second.STATE_OPEN
+
+
+def test_a_socket_of_a_class_without_the_defaults_keeps_its_own(factory):
+    from daphne.ws_protocol import WebSocketProtocol
+
+    socket = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    socket.__class__ = WebSocketProtocol  # daphne's own class: nothing to read back from
+    socket.makeConnection(StringTransport())
+    socket._raw_query_string = b""
+    key = base64.b64encode(os.urandom(16)).decode()
+    socket.dataReceived(
+        "GET /ws/agent/ HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    socket.handle_reply({"type": "websocket.accept"})
+    assert socket.state == socket.STATE_OPEN
+    assert {"state", "closedByMe", "send_state"} <= set(vars(socket))
+
+
+def test_the_send_queue_is_first_in_first_out_as_autobahns_deque():
+    queue = lean_server.SendQueue()
+    assert len(queue) == 0 and not queue
+    queue.append((b"a", True))
+    queue.append((b"b", False))
+    assert len(queue) == 2
+    assert queue.popleft() == (b"a", True) and queue.popleft() == (b"b", False)
+    with pytest.raises(IndexError):
+        queue.popleft()
+
+
+def test_a_socket_queues_chopped_writes_and_writes_them_in_order(factory, monkeypatch):
+    import txaio
+
+    later = []
+    monkeypatch.setattr(txaio, "call_later", lambda delay, function: later.append(function))
+    socket = opened_socket(factory)
+    written = len(socket.transport.value())
+    socket.sendData(b"abcdef", chopsize=2)  # the first piece goes out at once
+    socket.sendData(b"xy")  # behind the queued pieces
+    assert socket.send_queue == [(b"cd", True), (b"ef", True), (b"xy", False)]
+    while later:
+        later.pop(0)()
+    assert socket.transport.value()[written:] == b"abcdefxy"
+    assert not socket.send_queue and socket.triggered is False
