@@ -12,6 +12,7 @@ from .conftest import (
     closed_and_finished,
     communicator_for,
     connect,
+    in_db,
     receive,
     receive_messages,
     request,
@@ -157,3 +158,98 @@ async def test_it_closes_with_1013_when_the_database_cannot_open_a_session(alice
     # Once the database is back the agent connects normally.
     a, _ = await connect(alice)
     await a.disconnect()
+
+
+# --- What an open socket keeps ----------------------------------------------------------------
+
+
+def consumer_of(agent_pk: int):
+    from ops.shutdown import live_consumers
+
+    [consumer] = [c for c in live_consumers if c._agent_pk == agent_pk]
+    return consumer
+
+
+async def test_an_open_session_keeps_no_model_row_yet_reads_its_agent_and_connection(alice, bob):
+    from django.db import models
+
+    from agents.models import Connection
+
+    session, welcome = await connect(alice)
+    consumer = consumer_of(alice.agent.pk)
+    assert not [v for v in vars(consumer).values() if isinstance(v, models.Model)]
+    agent = consumer.agent
+    assert (agent.pk, agent.agent_id) == (alice.agent.pk, "alice")
+    assert "name" in agent.get_deferred_fields()  # nothing else was kept
+    row = await in_db(Connection.objects.get)(session_id=welcome["session_id"])
+    assert consumer.connection.pk == row.pk and consumer.connection.agent_id == alice.agent.pk
+    # The services the socket calls with them still work: send, subscribe, and the close.
+    await session.send_json_to({"type": "subscribe", "ref": "s", "topic": "jobs"})
+    assert (await receive(session))["type"] == "subscribed"
+    await session.send_json_to({"type": "send", "ref": "m", "to": "bob", "payload": {"n": 1}})
+    assert (await receive(session))["type"] == "accepted"
+    await session.disconnect()
+    row = await in_db(Connection.objects.get)(pk=row.pk)
+    assert row.closed_at is not None
+
+
+async def test_state_every_socket_starts_with_alike_is_each_sockets_own_once_written():
+    from messaging.consumers import AgentConsumer
+
+    first, second = AgentConsumer(), AgentConsumer()
+    first._refused_in_a_row += 1
+    first.pushed_seq = 7
+    assert (second._refused_in_a_row, second.pushed_seq) == (0, 0)
+    assert (AgentConsumer._refused_in_a_row, AgentConsumer.pushed_seq) == (0, 0)
+
+    async def nothing():
+        pass
+
+    handle = first._later(60, nothing)
+    task = asyncio.ensure_future(nothing())
+    first._track(task)
+    assert first._timers == {handle} and len(first._tasks) == 1
+    assert second._timers is None and second._tasks is None
+    assert AgentConsumer._timers is None and AgentConsumer._tasks is None
+    first._cancel(handle)
+    second._cancel(handle)  # a socket without timers cancels nothing of another's
+    assert first._timers == set()
+    await task
+    await asyncio.sleep(0)  # its done callbacks
+    assert first._tasks == set()
+
+
+class Expiring:
+    def __init__(self):
+        self.expired = 0
+
+    def _token_expired(self):
+        self.expired += 1
+
+
+async def test_token_expiries_share_a_timer_per_instant_and_cancel_it_when_empty():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from messaging.consumers import TokenExpiries
+
+    expiries = TokenExpiries()
+    soon = timezone.now() + timedelta(seconds=0.2)
+    later = soon + timedelta(seconds=60)
+    a, b, c, gone = Expiring(), Expiring(), Expiring(), Expiring()
+    key = expiries.add(a, soon)
+    assert expiries.add(b, soon) == key and expiries.add(gone, soon) == key
+    other = expiries.add(c, later)
+    assert len(expiries._due) == 2
+    expiries.discard(gone, key)
+    await asyncio.sleep(0.4)
+    assert (a.expired, b.expired, gone.expired, c.expired) == (1, 1, 0, 0)
+    expiries.discard(a, key)  # a socket closing after its expiry: nothing left to do
+    timer = expiries._due[other][0]
+    expiries.discard(c, other)
+    assert timer.cancelled() and not expiries._due
+    # A token already past its expiry closes its socket at once.
+    expiries.add(a, timezone.now() - timedelta(seconds=5))
+    await asyncio.sleep(0.05)
+    assert a.expired == 2 and not expiries._due

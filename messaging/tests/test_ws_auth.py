@@ -83,15 +83,13 @@ async def test_a_socket_keeps_no_handshake_header_and_its_session_records_the_us
     assert connected
     # The session opens after connect, by an auth frame: the user agent was read at connect.
     welcome = await request(communicator, {"type": "auth", "token": alice.access, "ref": "a"})
+    connection = await in_db(Connection.objects.get)(session_id=welcome["session_id"])
     [consumer] = [
-        c
-        for c in live_consumers
-        if c.connection is not None and str(c.connection.session_id) == welcome["session_id"]
+        c for c in live_consumers if c.connection is not None and c.connection.pk == connection.pk
     ]
     assert consumer.scope["headers"] == ()
     # Nor does the consumer's suspended coroutine keep the scope it was called with.
     assert "scope" not in communicator.future.get_coro().cr_frame.f_locals
-    connection = await in_db(Connection.objects.get)(session_id=welcome["session_id"])
     assert connection.user_agent == "agent-sdk/2.0"
     await communicator.disconnect()
 
@@ -233,3 +231,32 @@ async def test_the_socket_closes_with_4401_when_its_token_expires(alice):
     assert await closed_and_finished(session) == 4401
     # Closed when the token ran out, not at some later frame or sweep.
     assert lifetime - 1 <= time.monotonic() - started < lifetime + 3
+
+
+async def test_sockets_whose_tokens_expire_together_close_together_on_one_timer(alice):
+    from messaging.consumers import token_expiries
+
+    lifetime = 3
+    token = await in_db(short_lived_token)(alice.agent, lifetime)
+    headers = [(b"authorization", f"Bearer {token}".encode())]
+    first, _ = await connect(alice, headers=headers)
+    second, _ = await connect(alice, headers=headers)
+    leaving, _ = await connect(alice, headers=headers)
+    [(_, (timer, consumers))] = token_expiries._due.items()
+    assert len(consumers) == 3
+    await leaving.disconnect()
+    assert len(consumers) == 2 and not timer.cancelled()
+    for session in (first, second):
+        error = await receive(session, timeout=lifetime + 5)
+        assert error["code"] == "not_authenticated" and "expired" in error["detail"]
+        assert await closed_and_finished(session) == 4401
+    assert not token_expiries._due
+
+
+async def test_a_socket_that_closes_before_its_token_expires_leaves_no_timer(alice):
+    from messaging.consumers import token_expiries
+
+    session, _ = await connect(alice)
+    assert len(token_expiries._due) == 1
+    await session.disconnect()
+    assert not token_expiries._due
