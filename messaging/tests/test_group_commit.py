@@ -331,9 +331,7 @@ async def test_a_quiet_ack_alone_waits_for_the_ack_delay(alice, bob, monkeypatch
     assert await database_sync_to_async(_status)(bob, 1) == "acked"
 
 
-async def test_a_quiet_ack_goes_with_the_next_send_and_the_marks_wait(
-    alice, bob, monkeypatch
-):
+async def test_a_quiet_ack_goes_with_the_next_send_and_the_marks_wait(alice, bob, monkeypatch):
     monkeypatch.setattr(engine_module, "RECORD_DELAY", 60)
     monkeypatch.setattr(engine_module, "ACK_DELAY", 60)
     writer = engine()
