@@ -142,12 +142,11 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 30,
                 # WAL: readers never wait for the writer. NORMAL: a commit is durable against
-                # a crash of the process, not of the machine (no fsync per commit). A larger
-                # page cache, memory-mapped reads and a longer WAL between checkpoints halved the
-                # message writer's cost per batch (bench/, direct workload).
+                # a crash of the process, not of the machine (no fsync per commit). A longer WAL
+                # between checkpoints helped the message writer; its own connection also gets a
+                # larger page cache and memory-mapped reads (messaging/wal.py).
                 "init_command": (
                     "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
-                    " PRAGMA cache_size=-65536; PRAGMA mmap_size=268435456;"
                     " PRAGMA wal_autocheckpoint=4000; PRAGMA temp_store=MEMORY;"
                 ),
             },

@@ -304,13 +304,14 @@ class Engine:
             loop.call_soon_threadsafe(self._answer, sends, acks, outcome, waiters)
 
     def _own_checkpoints(self) -> None:
-        """On SQLite, leave checkpoints to the checkpointer thread (messaging/wal.py)."""
+        """On SQLite, leave checkpoints to the checkpointer thread and give the writer's
+        connection its cache (messaging/wal.py)."""
         db = connections[DEFAULT_DB_ALIAS]
         if db.vendor != "sqlite":
             return
         db.ensure_connection()
         if db.connection is not self._configured:
-            wal.checkpoints_off(db.connection)
+            wal.configure_writer(db.connection)
             self._configured = db.connection
 
     def _answer(self, sends, acks, outcome, waiters=()) -> None:

@@ -18,9 +18,25 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_INTERVAL = 0.1
 
 
+# The message writer's page cache (64 MB) and memory-mapped reads (up to 256 MB of the file):
+# with the longer log between checkpoints, they halved its cost per batch (bench/, direct
+# workload). Every connection had them once; the others now keep SQLite's defaults (a 2 MB cache,
+# reads through it), since each connection caches what it touches on its own: with 10,000 idle
+# sockets the pages of their rows, which the socket's session reads and writes once, held about
+# 1 KB of the server's memory per socket (bench idle, SQLite, 15.0 -> 13.9 KB per socket).
+WRITER_PRAGMAS = ("PRAGMA cache_size=-65536", "PRAGMA mmap_size=268435456")
+
+
 def checkpoints_off(connection: sqlite3.Connection) -> None:
     """Let this connection's commits leave checkpoints to a Checkpointer."""
     connection.execute("PRAGMA wal_autocheckpoint=0")
+
+
+def configure_writer(connection: sqlite3.Connection) -> None:
+    """Set up the message writer's own connection: no checkpoints, a large cache, mapped reads."""
+    checkpoints_off(connection)
+    for pragma in WRITER_PRAGMAS:
+        connection.execute(pragma)
 
 
 def is_file(path) -> bool:

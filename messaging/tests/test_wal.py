@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from channels.db import database_sync_to_async
 from django.db import connection
 
 from messaging import wal
@@ -109,3 +110,35 @@ def _size(path) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def _pragma(db, name: str) -> int:
+    return db.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_only_the_message_writer_keeps_a_large_cache_and_maps_the_file(
+    alice, bob, monkeypatch
+):
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL caches pages in its own processes")
+    seen = {}
+
+    def look(db, *args, **kwargs):
+        seen["writer"] = (_pragma(db, "cache_size"), _pragma(db, "mmap_size"))
+
+    writer = engine()
+    await writer.send(outgoing(alice, "bob", "first"))
+    monkeypatch.setattr(writer, "_own_checkpoints", lambda: look(connection.connection))
+    await writer.send(outgoing(alice, "bob", "second"))
+    assert seen["writer"] == (-65536, 268435456)
+
+    def others():
+        connection.ensure_connection()
+        return _pragma(connection.connection, "cache_size"), _pragma(
+            connection.connection, "mmap_size"
+        )
+
+    # Every other connection (sockets' sessions, REST) caches 2 MB and reads through it.
+    cache_size, mmap_size = await database_sync_to_async(others)()
+    assert (cache_size, mmap_size) == (-2000, 0)
