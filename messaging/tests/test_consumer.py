@@ -193,6 +193,28 @@ async def test_an_open_session_keeps_no_model_row_yet_reads_its_agent_and_connec
     assert row.closed_at is not None
 
 
+async def test_a_socket_that_sends_keeps_one_agent_for_its_sends(alice, bob, monkeypatch):
+    from messaging import batch
+
+    senders = []
+    original = batch.write_batch
+
+    def write_batch(sends, *args, **kwargs):
+        senders.extend(send.sender for send in sends)
+        return original(sends, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "write_batch", write_batch)
+    session, _ = await connect(alice)
+    consumer = consumer_of(alice.agent.pk)
+    assert consumer._sender is None  # none until the first send
+    for n in range(2):
+        await session.send_json_to({"type": "send", "ref": f"m{n}", "to": "bob", "payload": n})
+        assert (await receive(session))["type"] == "accepted"
+    first, again = senders
+    assert first is again and (first.pk, first.agent_id) == (alice.agent.pk, "alice")
+    await session.disconnect()
+
+
 async def test_state_every_socket_starts_with_alike_is_each_sockets_own_once_written():
     from messaging.consumers import AgentConsumer
 
