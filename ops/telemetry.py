@@ -108,8 +108,7 @@ def error(code: str, *, transport: str, **fields) -> None:
 
 
 def message_accepted(*, message_id, kind: str, recipients: int) -> None:
-    child(MESSAGES_ACCEPTED, kind).inc()
-    child(MESSAGES_RECIPIENTS, kind).inc(recipients)
+    messages_accepted(kind, 1, recipients)
     logger.info(
         "message accepted",
         extra={
@@ -118,6 +117,17 @@ def message_accepted(*, message_id, kind: str, recipients: int) -> None:
             "recipients": recipients,
         },
     )
+
+
+def messages_accepted(kind: str, count: int, recipients: int) -> None:
+    """Count accepted messages of one kind and their recipients, without a log line each."""
+    child(MESSAGES_ACCEPTED, kind).inc(count)
+    child(MESSAGES_RECIPIENTS, kind).inc(recipients)
+
+
+def accepted_messages_logged() -> bool:
+    """Whether each accepted message gets a log line (INFO): else counting them is enough."""
+    return logger.isEnabledFor(logging.INFO)
 
 
 def http_error(*, status: int, code: str | None) -> None:

@@ -164,3 +164,49 @@ def test_metrics_accept_the_token_from_anywhere_and_refuse_a_wrong_one(client, s
     assert client.get("/metrics").status_code == 403
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
     scrape(client, HTTP_AUTHORIZATION="Bearer scrape-secret")
+
+
+def test_a_batch_counts_what_it_accepted_by_kind_when_no_line_is_logged_for_each(
+    alice, bob, carol, samples, caplog
+):
+    import logging
+
+    from messaging import batch
+    from messaging.models import Message
+
+    caplog.set_level(logging.WARNING, logger="hub.events")
+    for kind in ("direct", "broadcast"):
+        samples.mark("hub_messages_accepted_total", kind=kind)
+        samples.mark("hub_messages_fanout_total", kind=kind)
+
+    runs = []
+
+    class Context:  # the sending socket's context, which only a log line needs
+        def run(self, function, *args):
+            runs.append(function)
+            return function(*args)
+
+    def send(kind, **fields):
+        return batch.Outgoing(sender=alice.agent, kind=kind, payload=1, context=Context(), **fields)
+
+    result = batch.write_batch(
+        [
+            send(Message.Kind.DIRECT, to="bob"),
+            send(Message.Kind.DIRECT, to="carol"),
+            send(Message.Kind.BROADCAST),
+        ],
+        [],
+        {},
+    )
+    assert [accepted.recipients for accepted in result.sends] == [1, 1, 2]
+    assert samples.delta("hub_messages_accepted_total", kind="direct") == 2
+    assert samples.delta("hub_messages_fanout_total", kind="direct") == 2
+    assert samples.delta("hub_messages_accepted_total", kind="broadcast") == 1
+    assert samples.delta("hub_messages_fanout_total", kind="broadcast") == 2
+    assert not [r for r in caplog.records if r.getMessage() == "message accepted"]
+    assert runs == []
+    # With a line for each, each is logged in its socket's context.
+    caplog.set_level(logging.INFO, logger="hub.events")
+    batch.write_batch([send(Message.Kind.DIRECT, to="bob")], [], {})
+    assert len(runs) == 1
+    assert [r for r in caplog.records if r.getMessage() == "message accepted"]
