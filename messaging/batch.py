@@ -82,7 +82,6 @@ class _Statements:
     statement is a round trip, so the PostgreSQL subclass sends many rows per statement."""
 
     native_uuid = False
-    json_cast = ""
     # Writers queue for the database's write lock at BEGIN, not at their first write.
     begin = "BEGIN IMMEDIATE"
     # sqlite3 takes qmark placeholders; psycopg takes %s.
@@ -99,7 +98,7 @@ class _Statements:
             f"INSERT INTO {self.message} (id, sender_id, kind, topic, payload, client_id,"
             " recipient_count, created_at, expires_at) VALUES "
         )
-        self.message_row = f"({p}, {p}, {p}, {p}, {p}{self.json_cast}, {p}, {p}, {p}, {p})"
+        self.message_row = f"({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
         self.delivery_head = (
             f"INSERT INTO {self.delivery} (message_id, recipient_id, seq, status, attempts,"
             " expires_at) VALUES "
@@ -548,6 +547,7 @@ class _Stored:
     """What a batch stored of its sends, to be answered once it is committed."""
 
     recipients: dict[int, list[int]]
+    counts: dict[int, int]  # deliveries per recipient
     message_ids: dict[int, uuid.UUID]
     sent_at: object
     last_seqs: object  # () -> {recipient: new last seq}
@@ -588,7 +588,7 @@ def _store(db, cursor, sql: _Statements, sends, recipients) -> _Stored:
     sql.insert_messages(cursor, message_rows, adapt(now))
     # A topic nobody subscribes to: a message with no recipient.
     last_seqs, sockets = sql.store(cursor, counts, deliveries) if counts else (dict, list)
-    return _Stored(recipients, ids, now, last_seqs, sockets)
+    return _Stored(recipients, counts, ids, now, last_seqs, sockets)
 
 
 def _answer_stored(stored: _Stored, sends, results, frames) -> dict[int, list[str]]:
@@ -598,10 +598,8 @@ def _answer_stored(stored: _Stored, sends, results, frames) -> dict[int, list[st
     for agent_id, channel_name in stored.sockets():
         channels.setdefault(agent_id, []).append(channel_name)
     last = stored.last_seqs()
-    next_seq = {}
-    for recipient_ids in stored.recipients.values():
-        for recipient_id in recipient_ids:
-            next_seq[recipient_id] = next_seq.get(recipient_id, last[recipient_id]) - 1
+    # Each recipient's numbers were reserved in batch order, ending at its new last seq.
+    next_seq = {recipient_id: last[recipient_id] - n for recipient_id, n in stored.counts.items()}
     for index, recipient_ids in stored.recipients.items():
         send, message_id = sends[index], stored.message_ids[index]
         connected = 0

@@ -72,7 +72,7 @@ class Engine:
         self._acks_due: float | None = None
         # Futures of callers waiting for the records queued so far to be committed.
         self._record_waiters: list[asyncio.Future] = []
-        # The writer thread's connection, once told to leave checkpoints to the checkpointer.
+        # The writer thread's connection, once set up for the writer (SQLite: messaging/wal.py).
         self._configured = None
         # When the writer's connection is next checked (monotonic seconds).
         self._check_due = 0.0
@@ -117,10 +117,7 @@ class Engine:
         with self._lock:
             self._quiet_acks.append((ack, None))
             self._drop_acked_marks(ack)
-            due = time.monotonic() + ACK_DELAY
-            sooner = self._acks_due is None or due < self._acks_due
-            if sooner:
-                self._acks_due = due
+            sooner = self._due_within("_acks_due", ACK_DELAY)
         if sooner:
             self._wake()
 
@@ -139,7 +136,7 @@ class Engine:
         """Record, with a batch within RECORD_DELAY, that these frames were written to a socket."""
         with self._lock:
             self._marks.setdefault(recipient_id, []).extend(seqs)
-            sooner = self._due_within(RECORD_DELAY)
+            sooner = self._due_within("_records_due", RECORD_DELAY)
         if sooner:
             self._wake()
 
@@ -148,7 +145,7 @@ class Engine:
         signs of life."""
         with self._lock:
             self._touches[connection_id] = agent_id
-            sooner = self._due_within(RECORD_DELAY)
+            sooner = self._due_within("_records_due", RECORD_DELAY)
         if sooner:
             self._wake()
 
@@ -167,14 +164,15 @@ class Engine:
         self._wake()
         return future
 
-    def _due_within(self, delay: float) -> bool:
-        """Have the queued records written within `delay` seconds; whether that is sooner than
-        they were due (lock held). Only then does the writer need waking: otherwise it already
-        waits for an earlier deadline."""
+    def _due_within(self, deadline: str, delay: float) -> bool:
+        """Move the deadline `deadline` (`_records_due` or `_acks_due`) to within `delay`
+        seconds; whether that is sooner than it was (lock held). Only then does the writer need
+        waking: otherwise it already waits for an earlier deadline."""
         due = time.monotonic() + delay
-        if self._records_due is not None and self._records_due <= due:
+        current = getattr(self, deadline)
+        if current is not None and current <= due:
             return False
-        self._records_due = due
+        setattr(self, deadline, due)
         return True
 
     async def close(self) -> None:
