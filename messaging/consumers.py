@@ -611,19 +611,28 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
     async def _accept_later(self, frame, **kwargs):
         """Queue a send for the next commit and read on; `accepted` follows the commit."""
         await self._wait_for_room()
-        self._answer_later(frame["ref"], self._accepted(frame, self._submit(frame, **kwargs)))
+        future = self._submit(frame, **kwargs)
+        if not self._writes_now():
+            self._answer_later(frame["ref"], self._accepted(frame, future))
+            return
+        # Answered from the future's callback, with no task of its own (each was about 6% of
+        # the event loop's time on the direct benchmark).
+        self._in_flight += 1
+        self._track(future, functools.partial(self._accepted_now, frame))
+
+    def _accepted_now(self, frame, future) -> None:
+        self._in_flight -= 1
+        self._tasks.discard(future)
+        if future.cancelled():
+            return  # the socket closed
+        if future.exception() is not None:
+            self._answer_later(frame["ref"], self._accepted(frame, future))  # as any failure
+            return
+        self._write_now(_accepted_frame(frame, future.result()))
 
     async def _accepted(self, frame, future):
         accepted = await future
-        await self.send_json(
-            protocol.accepted_frame(
-                ref=frame["ref"],
-                message_id=accepted.message_id,
-                status=accepted.status,
-                recipients=accepted.recipients,
-                duplicate=accepted.duplicate,
-            )
-        )
+        await self.send_json(_accepted_frame(frame, accepted))
         return accepted
 
     async def frame_send(self, frame):
@@ -733,8 +742,31 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             self._catch_up_task = asyncio.ensure_future(self._catch_up_after_delay())
 
     def deliver_local(self, frames) -> None:
-        """Take frames from this process's writer, which hands them over after the commit."""
+        """Take frames from this process's writer, which hands them over after the commit: written
+        at once where the socket can be and no coroutine holds the push lock, else by a task."""
+        if not self._push_lock.locked() and self._writes_now():
+            frames = self._deliver_now(frames)
+            if not frames:
+                return
         self._background(self._deliver(frames))
+
+    def _deliver_now(self, frames) -> list:
+        """Write the frames that follow the last seq pushed; return the rest from a gap on."""
+        written = []
+        rest = []
+        for index, frame in enumerate(frames):
+            seq = frame["seq"]
+            if seq <= self.pushed_seq:
+                continue  # already sent by a replay
+            if seq != self.pushed_seq + 1:
+                rest = frames[index:]  # for `_deliver`, which catches up first
+                break
+            self._write_now(frame)
+            self.pushed_seq = seq
+            written.append(seq)
+        if written:
+            engine().mark_delivered(self._agent_pk, written)
+        return rest
 
     async def _deliver(self, frames):
         written = []
@@ -839,7 +871,35 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
 
     # --- JSON ---------------------------------------------------------------------------------
 
+    async def send_json(self, content, close=False):
+        if close or self._write_now(content) is None:
+            await super().send_json(content, close)
+
+    def _writes_now(self) -> bool:
+        """Whether the server lets this socket write frames outside any coroutine."""
+        return getattr(self.base_send, "write_text", None) is not None
+
+    def _write_now(self, content) -> bool | None:
+        """Write a frame at once where the server lets the socket (daphne's ProtocolSend,
+        ops/lean_server.py): True if written, False if the socket is no longer open. None where
+        it must take the ASGI way (send_json)."""
+        write = getattr(self.base_send, "write_text", None)
+        if write is None:
+            return None
+        telemetry.frame_out(content)
+        return write(orjson.dumps(content))
+
     @classmethod
     async def encode_json(cls, content):
         telemetry.frame_out(content)
         return orjson.dumps(content).decode()
+
+
+def _accepted_frame(frame, accepted: services.Accepted) -> dict:
+    return protocol.accepted_frame(
+        ref=frame["ref"],
+        message_id=accepted.message_id,
+        status=accepted.status,
+        recipients=accepted.recipients,
+        duplicate=accepted.duplicate,
+    )

@@ -335,7 +335,9 @@ class Engine:
         for (_, future), count in zip(acks, outcome.acks, strict=True):
             if future is not None and not future.done():
                 future.set_result(count)
-        self._route(outcome.frames, outcome.channels)
+        # After the callbacks those results scheduled: a socket that sent to itself reads its
+        # `accepted` before the message, whether it answers from a callback or a task.
+        self._loop().call_soon(self._route, outcome.frames, outcome.channels)
 
     def _route(self, frames: dict[int, list[dict]], channels: dict[int, list[str]]) -> None:
         """Hand frames to local sockets; nudge the recipient's group if it has sockets elsewhere."""

@@ -91,15 +91,42 @@ async def locked_database(monkeypatch):
     await reconnect()
 
 
-def communicator_for(credentials=None, *, headers=None) -> WebsocketCommunicator:
+class WritingSend:
+    """A communicator's `send` that also writes text frames at once, as daphne's does under
+    ops.lean_server (ProtocolSend.write_text): they join the frames sent the ASGI way in order."""
+
+    def __init__(self, send):
+        self.send = send
+
+    def __call__(self, message):
+        return self.send(message)
+
+    def write_text(self, data: bytes) -> bool:
+        self.send.__self__.put_nowait({"type": "websocket.send", "text": data.decode()})
+        return True
+
+
+def application_writing_now(scope, receive, send):
+    return application(scope, receive, WritingSend(send))  # the consumer's own coroutine
+
+
+application_writing_now._asgi_single_callable = True  # an ASGI 3 application (asgiref)
+
+
+def communicator_for(
+    credentials=None, *, headers=None, writes_now: bool = True
+) -> WebsocketCommunicator:
+    """A WebSocket to the agent endpoint whose server writes frames at once, as daphne does
+    (`writes_now`), or only through the ASGI send."""
     if headers is None:
         headers = credentials.ws_headers if credentials is not None else []
-    return WebsocketCommunicator(application, "/ws/agent/", headers=headers)
+    served = application_writing_now if writes_now else application
+    return WebsocketCommunicator(served, "/ws/agent/", headers=headers)
 
 
-async def connect(credentials, *, headers=None):
+async def connect(credentials, *, headers=None, writes_now: bool = True):
     """Open an authenticated session and return it with its welcome frame."""
-    communicator = communicator_for(credentials, headers=headers)
+    communicator = communicator_for(credentials, headers=headers, writes_now=writes_now)
     # Generous timeouts: a busy CI machine must not turn a slow answer into a failure.
     connected, _ = await communicator.connect(timeout=10)
     assert connected

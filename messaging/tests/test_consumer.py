@@ -33,6 +33,81 @@ async def test_it_routes_a_direct_message_between_two_agents(alice, bob):
     await b.disconnect()
 
 
+@pytest.mark.parametrize("writes_now", [True, False], ids=["written-at-once", "asgi-send"])
+async def test_a_socket_that_sends_to_its_own_agent_reads_accepted_before_the_message(
+    alice, writes_now
+):
+    a, _ = await connect(alice, writes_now=writes_now)
+    for n in range(3):
+        await a.send_json_to({"type": "send", "to": "alice", "payload": n, "ref": f"r{n}"})
+        accepted = await receive(a)
+        assert (accepted["type"], accepted["ref"]) == ("accepted", f"r{n}")
+        message = await receive(a)
+        assert (message["type"], message["payload"]) == ("message", n)
+    await a.disconnect()
+
+
+@pytest.fixture
+def tasks_started(monkeypatch):
+    """Which of the consumer's ways of starting a task each frame took."""
+    from messaging.consumers import AgentConsumer
+
+    started = []
+    for name in ("_answer_later", "_background"):
+        original = getattr(AgentConsumer, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            started.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(AgentConsumer, name, spy)
+    return started
+
+
+@pytest.mark.parametrize("writes_now", [True, False], ids=["written-at-once", "asgi-send"])
+async def test_a_socket_that_writes_at_once_answers_and_delivers_without_a_task(
+    alice, bob, tasks_started, writes_now
+):
+    a, _ = await connect(alice, writes_now=writes_now)
+    b, _ = await connect(bob, writes_now=writes_now)
+    tasks_started.clear()
+    for n in range(3):
+        await a.send_json_to({"type": "send", "to": "bob", "payload": n, "ref": f"r{n}"})
+    assert [(await receive(a))["ref"] for _ in range(3)] == ["r0", "r1", "r2"]
+    assert [frame["payload"] for frame in await receive_messages(b, 3)] == [0, 1, 2]
+    if writes_now:
+        assert tasks_started == []
+    else:
+        assert sorted(set(tasks_started)) == ["_answer_later", "_background"]
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_a_socket_that_writes_at_once_fills_a_gap_in_its_frames_from_the_database(
+    alice, bob, monkeypatch
+):
+    from messaging.consumers import AgentConsumer
+
+    original = AgentConsumer.deliver_local
+
+    def losing(self, frames):
+        kept = [frame for frame in frames if frame["payload"] != "lost"]
+        if kept:
+            original(self, kept)
+
+    monkeypatch.setattr(AgentConsumer, "deliver_local", losing)
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    for payload in ("lost", "after"):
+        await a.send_json_to({"type": "send", "to": "bob", "payload": payload, "ref": payload})
+        assert (await receive(a))["type"] == "accepted"
+    frames = await receive_messages(b, 2)
+    assert [(frame["seq"], frame["payload"]) for frame in frames] == [(1, "lost"), (2, "after")]
+    assert await b.receive_nothing(0.2)
+    await a.disconnect()
+    await b.disconnect()
+
+
 async def test_it_answers_a_heartbeat(alice):
     a, _ = await connect(alice)
     ack = await request(a, {"type": "heartbeat", "ref": "h1"})

@@ -105,6 +105,34 @@ async def test_daphne_gives_each_application_an_input_queue(daphne_installed):
     assert received == [{"type": "websocket.connect"}]
 
 
+async def test_a_websocket_application_gets_a_send_that_can_also_write_at_once(daphne_installed):
+    from daphne.server import Server
+
+    sends = {}
+
+    async def application(scope, receive, send):
+        sends[scope["type"]] = send
+
+    server = Server.__new__(Server)
+    server.application = application
+    replies = []
+
+    async def handle_reply(protocol, message):
+        replies.append((protocol, message))
+
+    server.handle_reply = handle_reply
+    for kind in ("websocket", "http"):
+        protocol = object()
+        server.connections = {protocol: {}}
+        server.create_application(protocol, {"type": kind})
+        await server.connections[protocol]["application_instance"]
+        await sends[kind]({"type": f"{kind}.test"})
+        assert replies.pop() == (protocol, {"type": f"{kind}.test"})  # daphne's handle_reply
+    assert isinstance(sends["websocket"], lean_server.ProtocolSend)
+    assert sends["websocket"].protocol is not None
+    assert not hasattr(sends["http"], "write_text")
+
+
 def test_autobahn_debug_log_arguments_are_passed_plain(daphne_installed):
     from autobahn.twisted import websocket
     from autobahn.util import hlval
@@ -482,3 +510,62 @@ def test_a_socket_queues_chopped_writes_and_writes_them_in_order(factory, monkey
         later.pop(0)()
     assert socket.transport.value()[written:] == b"abcdefxy"
     assert not socket.send_queue and socket.triggered is False
+
+
+def written_by(socket, write) -> bytes:
+    before = len(socket.transport.value())
+    write()
+    return socket.transport.value()[before:]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_a_text_frame_written_at_once_is_the_frame_autobahn_writes(factory, size):
+    socket = opened_socket(factory)
+    data = ("é" * size).encode()[:size]
+    data = data.ljust(size, b"a")
+    ours = written_by(socket, lambda: lean_server.ProtocolSend(None, socket).write_text(data))
+    autobahns = written_by(socket, lambda: socket.sendMessage(data, False))
+    assert ours == autobahns and ours.endswith(data) and len(ours) > size
+
+
+def test_a_socket_that_is_not_open_is_written_nothing(factory):
+    socket = opened_socket(factory)
+    socket.sendClose(1000)  # closing: autobahn refuses to send a message now
+    assert written_by(socket, lambda: lean_server.write_text_frame(socket, b"{}")) == b""
+    assert lean_server.write_text_frame(socket, b"{}") is False
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"autoFragmentSize": 4}, {"maskServerFrames": True}, {"logFrames": True}],
+    ids=["fragments", "masked", "logged"],
+)
+def test_a_socket_with_options_autobahn_serves_itself_is_written_autobahns_way(
+    factory, monkeypatch, option
+):
+    import random as autobahn_random
+
+    socket, twin = opened_socket(factory), opened_socket(factory)
+    for each in (socket, twin):
+        vars(each).update(option)
+    monkeypatch.setattr(autobahn_random, "getrandbits", lambda bits: 0x01020304)  # the mask
+    data = b'{"type": "message"}'
+    taken = []
+    socket.sendMessage = lambda *args: (taken.append(args), type(socket).sendMessage(socket, *args))
+    ours = written_by(socket, lambda: lean_server.write_text_frame(socket, data))
+    autobahns = written_by(twin, lambda: twin.sendMessage(data, False))
+    assert taken == [(data, False)] and ours == autobahns
+
+
+def test_a_socket_with_queued_writes_is_written_after_them(factory, monkeypatch):
+    import txaio
+
+    later = []
+    monkeypatch.setattr(txaio, "call_later", lambda delay, function: later.append(function))
+    socket = opened_socket(factory)
+    written = len(socket.transport.value())
+    socket.sendData(b"abcd", chopsize=2)  # "cd" waits in the send queue
+    lean_server.write_text_frame(socket, b"{}")
+    while later:
+        later.pop(0)()
+    assert socket.transport.value()[written:] == b"abcd" + bytes((0x81, 2)) + b"{}"
