@@ -86,8 +86,9 @@ def parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument(
         "--profile",
-        choices=["cpu", "wall"],
-        help="sample the hub with py-spy while measuring: on-CPU time, or wall time with waits",
+        choices=["cpu", "wall", "gil"],
+        help="sample the hub with py-spy while measuring: on-CPU time, wall time with waits, or "
+        "only the thread holding the interpreter lock",
     )
     run.add_argument(
         "--quiet-wait",

@@ -24,7 +24,9 @@ def py_spy() -> str | None:
 class Profiler:
     """py-spy attached to a running process from start() to stop()."""
 
-    def __init__(self, pid: int, out: Path, *, rate: int = 100, idle: bool = False):
+    def __init__(
+        self, pid: int, out: Path, *, rate: int = 100, idle: bool = False, gil: bool = False
+    ):
         executable = py_spy()
         if executable is None:
             raise RuntimeError("--profile needs py-spy: pip install 'py-spy>=0.4,<0.5'")
@@ -36,6 +38,9 @@ class Profiler:
         if idle:
             # Wall-clock view: waits on the database, Redis and other threads count too.
             self._args.append("--idle")
+        if gil:
+            # Only the thread holding the interpreter lock: where a GIL-bound server's time goes.
+            self._args.append("--gil")
         self._proc = None
 
     def start(self) -> None:

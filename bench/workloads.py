@@ -118,7 +118,9 @@ class MaybeProfiler:
         if opts.profile and srv.kind == "hub":
             out = Path(opts.results_dir) / f"profile-{label}-{opts.db}-{opts.stamp}.txt"
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.profiler = Profiler(srv.pid, out, idle=opts.profile == "wall")
+            self.profiler = Profiler(
+                srv.pid, out, idle=opts.profile == "wall", gil=opts.profile == "gil"
+            )
 
     def __enter__(self):
         return self

@@ -94,11 +94,13 @@ _SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 class InputQueue:
     """The part of asyncio.Queue an ASGI `receive` needs: put_nowait() and awaiting get()."""
 
-    __slots__ = ("_getters", "_items")
+    __slots__ = ("_getters", "_items", "_loop")
 
     def __init__(self):
         self._items: list = []
         self._getters: list[asyncio.Future] = []
+        # The loop it is read on, once read: asyncio.get_running_loop() makes a system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def qsize(self) -> int:
         return len(self._items)
@@ -117,7 +119,10 @@ class InputQueue:
     def next_event(self) -> asyncio.Future:
         """A future of the next event, done at once if one is waiting: a consumer can wait on
         it without a task of its own (messaging.consumers.AgentConsumer)."""
-        future = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
         if self._items:
             future.set_result(self._items.pop(0))
         else:

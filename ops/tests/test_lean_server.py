@@ -26,6 +26,22 @@ async def test_a_waiting_get_receives_the_next_event():
     assert await getter == {"type": "websocket.connect"}
 
 
+async def test_a_queue_asks_asyncio_for_its_loop_once(monkeypatch):
+    asked = []
+    get_running_loop = asyncio.get_running_loop
+
+    def counted():
+        asked.append(1)
+        return get_running_loop()
+
+    monkeypatch.setattr(lean_server.asyncio, "get_running_loop", counted)
+    queue = InputQueue()
+    for n in range(3):
+        queue.put_nowait(n)
+        assert await queue.next_event() == n
+    assert asked == [1]  # each call is a getpid system call (Python 3.11)
+
+
 async def test_events_put_before_get_come_out_in_order():
     queue = InputQueue()
     for n in range(3):
