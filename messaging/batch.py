@@ -600,21 +600,25 @@ def _answer_stored(stored: _Stored, sends, results, frames) -> dict[int, list[st
     last = stored.last_seqs()
     # Each recipient's numbers were reserved in batch order, ending at its new last seq.
     next_seq = {recipient_id: last[recipient_id] - n for recipient_id, n in stored.counts.items()}
+    sent_at = protocol.isoformat(stored.sent_at)  # the frames' texts, made once each
     for index, recipient_ids in stored.recipients.items():
         send, message_id = sends[index], stored.message_ids[index]
+        message_id_text = None
         connected = 0
         for recipient_id in recipient_ids:
             seq = next_seq[recipient_id] = next_seq[recipient_id] + 1
             if recipient_id in channels:
                 connected += 1
+                if message_id_text is None:
+                    message_id_text = str(message_id)
                 frames.setdefault(recipient_id, []).append(
                     protocol.message_frame(
-                        message_id=message_id,
+                        message_id=message_id_text,
                         seq=seq,
                         kind=send.kind,
                         sender=send.sender.agent_id,
                         payload=send.payload,
-                        sent_at=stored.sent_at,
+                        sent_at=sent_at,
                         topic=send.topic or "",
                     )
                 )

@@ -294,11 +294,13 @@ def message_frame(
     kind: str,
     sender: str,
     payload: Any,
-    sent_at: datetime,
+    sent_at: datetime | str,
     topic: str = "",
     redelivered: bool = False,
     attempt: int = 1,
 ) -> dict:
+    """A message frame; `message_id` may be given as its text and `sent_at` as its isoformat(),
+    made once for many frames."""
     frame = {
         "type": "message",
         "message_id": str(message_id),
@@ -306,7 +308,7 @@ def message_frame(
         "kind": kind,
         "from": sender,
         "payload": payload,
-        "sent_at": isoformat(sent_at),
+        "sent_at": sent_at if type(sent_at) is str else isoformat(sent_at),
         "redelivered": redelivered,
         "attempt": attempt,
     }

@@ -18,6 +18,22 @@ def test_ids_are_version_7_and_distinct():
     assert {(value.version, value.variant) for value in ids} == {(7, uuid.RFC_4122)}
 
 
+def test_an_id_is_the_uuid_its_number_makes():
+    import copy
+    import pickle
+
+    for value in new_ids(100):
+        same = uuid.UUID(int=value.int)
+        assert type(value) is uuid.UUID and value == same and hash(value) == hash(same)
+        assert (str(value), value.hex, value.bytes) == (str(same), same.hex, same.bytes)
+        assert value.is_safe is same.is_safe
+        assert pickle.loads(pickle.dumps(value)) == value  # noqa: S301 (our own bytes)
+        assert copy.copy(value) == value
+        assert uuid.UUID(str(value)) == value
+        with pytest.raises(TypeError):
+            value.int = 1  # as immutable as any UUID
+
+
 def test_ids_carry_the_time_they_were_made_in_their_top_48_bits():
     before = time.time_ns() // 1_000_000
     value = new_id()

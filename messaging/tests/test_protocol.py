@@ -368,6 +368,14 @@ def test_it_builds_server_frames_with_utc_timestamps():
     assert welcome["session_id"] == MESSAGE_ID and welcome["server_time"] == "2025-01-02T03:04:05Z"
 
 
+def test_a_message_frame_takes_its_id_and_time_as_texts_made_once_for_many_frames():
+    at = datetime(2025, 1, 2, 3, 4, 5, 6000, tzinfo=UTC)
+    fields = {"seq": 3, "kind": "broadcast", "sender": "alice", "payload": {"n": 1}}
+    made = protocol.message_frame(message_id=uuid.UUID(MESSAGE_ID), sent_at=at, **fields)
+    given = protocol.message_frame(message_id=MESSAGE_ID, sent_at=protocol.isoformat(at), **fields)
+    assert made == given and given["sent_at"] == "2025-01-02T03:04:05.006000Z"
+
+
 def test_it_adds_extra_fields_to_error_frames():
     frame = protocol.error_frame(protocol.RATE_LIMITED, "slow down", ref="r", retry_after=2)
     assert frame == {

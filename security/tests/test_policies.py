@@ -52,6 +52,14 @@ def test_an_allow_rule_opens_a_hole_in_default_deny(alice, bob):
     assert not access_allowed(agent=bob.agent, action="publish", target="alerts.fraud")
 
 
+def test_rules_about_other_actions_leave_an_action_to_the_default(alice):
+    policy(effect="deny", action="publish", target="*")
+    assert access_allowed(agent=alice.agent, action="send", target="bob")
+    assert not access_allowed(agent=alice.agent, action="publish", target="news")
+    policy(name="q", effect="deny", action="send", target="bob")  # read again at once
+    assert not access_allowed(agent=alice.agent, action="send", target="bob")
+
+
 def test_deny_wins_over_allow_at_equal_priority(alice):
     policy(effect="allow", action="send", target="*")
     policy(effect="deny", action="send", target="bob")
