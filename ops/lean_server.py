@@ -70,6 +70,16 @@ one write to the transport. What autobahn would do otherwise (compression, fragm
 queued chopped write, frame logging, a size limit, timings) takes autobahn's own way; autobahn's
 traffic counters, which nothing here reads, are not kept for these frames.
 
+Per read frame, too: autobahn reads a client's frame through processData, onFrameBegin,
+onMessageBegin, onMessageFrameBegin, onFrameData, onMessageFrameData, onFrameEnd,
+onMessageFrameEnd and onMessageEnd, each setting the socket's per-frame state, before daphne's
+onMessage gets the text. Data that holds nothing but whole, final, masked text frames of up to
+65,535 bytes, on an open socket between messages, is read at once instead
+(`read_whole_text_frames`): each frame unmasked and handed to onMessage, with autobahn's size
+limits and its restart of the keep-alive ping on traffic. Anything else (a control, binary or
+fragmented frame, a part of a frame, a frame over a limit, a socket that compresses or logs
+frames) goes to autobahn from that frame on, as it came.
+
 Measured and left out: reading the options from the factory through a fallback lookup, instead
 of from the protocol class, saved as much per socket but cut the connect rate by a third.
 """
@@ -194,6 +204,56 @@ def write_text_frame(protocol, data: bytes) -> bool:
     return True
 
 
+def read_whole_text_frames(protocol, data: bytes) -> bytes:
+    """Hand each whole text frame at the start of `data` to the socket's onMessage; return the
+    rest, from the first thing autobahn must read itself (b"" once all is read)."""
+    if (
+        protocol.state != STATE_OPEN
+        or protocol.data
+        or protocol.current_frame is not None
+        or protocol.inside_message
+        or protocol.failedByMe
+        or protocol._perMessageCompress is not None
+        or protocol.utf8validateIncoming
+        or not protocol.applyMask
+        or protocol.logOctets
+        or protocol.logFrames
+        or protocol.trackedTimings
+        or protocol._listeners
+        or protocol._parent is not None
+    ):
+        return data
+    frame_limit, message_limit = protocol.maxFramePayloadSize, protocol.maxMessagePayloadSize
+    size = len(data)
+    at = 0
+    read = False
+    while at + 6 <= size and data[at] == 0x81 and data[at + 1] & 0x80:  # FIN, text, masked
+        length = data[at + 1] & 0x7F
+        start = at + 6
+        if length == 126:
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            start = at + 8
+            if length < 126:
+                break  # not the shortest length encoding: autobahn fails the socket for it
+        elif length == 127:
+            break  # over 65,535 bytes
+        end = start + length
+        if end > size or 0 < frame_limit < length or 0 < message_limit < length:
+            break
+        key = data[start - 4 : start]
+        payload = data[start:end]
+        if length:
+            payload = unmask((key * (length // 4 + 1))[:length], payload)
+        at = end
+        read = True
+        protocol.onMessage(payload, False)
+        if protocol.state != STATE_OPEN:
+            break  # failed or closing now: the rest is autobahn's to read in that state
+    if read and protocol.autoPingTimeoutCall and protocol.autoPingRestartOnAnyTraffic:
+        protocol._cancelAutoPingTimeoutCall()  # what autobahn does at the end of any frame
+    return data[at:] if at else data
+
+
 def install() -> None:
     """Under daphne, use InputQueue for applications and plain debug-log arguments."""
     global _installed
@@ -209,6 +269,7 @@ def install() -> None:
     _release_handshake_leftovers()
     _options_on_the_protocol_class()
     _small_frame_masker()
+    _whole_text_frames_read_at_once()
 
 
 def _lean_input_queue() -> None:
@@ -495,10 +556,14 @@ class SmallFrameMasker:
         length = len(data)
         start = self._pointer & 3
         self._pointer += length
-        key = (self._mask * ((start + length) // 4 + 1))[start : start + length]
-        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-            length, "little"
-        )
+        return unmask((self._mask * ((start + length) // 4 + 1))[start : start + length], data)
+
+
+def unmask(key: bytes, data: bytes) -> bytes:
+    """`data` XOR `key`, both of one length: in Python's integers, at C speed."""
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        len(data), "little"
+    )
 
 
 def _small_frame_masker() -> None:
@@ -583,3 +648,17 @@ def _write_without_polling() -> None:
 
     addWriter.original, removeWriter.original = original_add, original_remove
     Reactor.addWriter, Reactor.removeWriter = addWriter, removeWriter
+
+
+def _whole_text_frames_read_at_once() -> None:
+    from daphne.ws_protocol import WebSocketProtocol
+
+    original = WebSocketProtocol._dataReceived
+
+    def _dataReceived(protocol, data):
+        rest = read_whole_text_frames(protocol, data)
+        if rest:
+            original(protocol, rest)
+
+    _dataReceived.original = original
+    WebSocketProtocol._dataReceived = _dataReceived

@@ -98,6 +98,7 @@ def daphne_installed(monkeypatch):
         monkeypatch.setattr(module, "hltype", module.hltype)
         monkeypatch.setattr(module, "hlval", module.hlval)
     monkeypatch.setattr(protocol, "create_xor_masker", protocol.create_xor_masker)
+    monkeypatch.setattr(WebSocketProtocol, "_dataReceived", WebSocketProtocol._dataReceived)
     monkeypatch.setattr(lean_server, "_installed", False)
     lean_server.install()
 
@@ -585,3 +586,132 @@ def test_a_socket_with_queued_writes_is_written_after_them(factory, monkeypatch)
     while later:
         later.pop(0)()
     assert socket.transport.value()[written:] == b"abcd" + bytes((0x81, 2)) + b"{}"
+
+
+# --- Whole text frames read at once --------------------------------------------------------------
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A frame as a client sends it: masked with a random key."""
+    key = os.urandom(4)
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x80 * fin | opcode, 0x80 | size))
+    elif size < 65536:
+        header = bytes((0x80 * fin | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 * fin | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+    masked = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+    return header + key + masked
+
+
+def text(size: int) -> bytes:
+    """`size` bytes of valid UTF-8, two-byte characters among them."""
+    return ("é" * size).encode()[: size - size % 2].ljust(size, b"a")
+
+
+def application_events(socket) -> list:
+    queue = socket.application_queue
+    events = []
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    return events
+
+
+def fed(socket, stream: bytes, pieces: list[int], *, at_once: bool) -> tuple[list, bytes, int]:
+    """Feed `stream` in pieces to a socket, read at once or by autobahn alone; return what its
+    application got, what the socket wrote and its state."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    read = WebSocketProtocol._dataReceived
+    if not at_once:
+        read = read.original
+    if socket.transport.producer is None:
+        socket.transport.producer = socket  # what the socket unregisters when it drops
+    written = len(socket.transport.value())
+    start = 0
+    for end in [*pieces, len(stream)]:
+        if end > start:
+            read(socket, stream[start:end])
+            start = end
+    return application_events(socket), socket.transport.value()[written:], socket.state
+
+
+STREAMS = {
+    "text frames of every length encoding": b"".join(
+        client_frame(1, text(size)) for size in (0, 1, 5, 125, 126, 127, 1000, 65535, 65536, 3)
+    ),
+    "control, binary and fragmented frames between text frames": b"".join(
+        [
+            client_frame(1, b'{"type": "send"}'),
+            client_frame(9, b"ping"),
+            client_frame(1, b'{"n": 1}'),
+            client_frame(2, b"\x00\x01binary"),
+            client_frame(1, b'{"part": ', fin=False),
+            client_frame(0, b'"two"}'),
+            client_frame(1, b"[]"),
+            client_frame(10, b"pong"),
+            client_frame(1, b'"last"'),
+        ]
+    ),
+    "invalid UTF-8 in the middle": client_frame(1, b'"ok"')
+    + client_frame(1, b"\xff\xfe")
+    + client_frame(1, b'"never read"'),
+    "a close in the middle": client_frame(1, b'"before"')
+    + client_frame(8, (1000).to_bytes(2, "big"))
+    + client_frame(1, b'"after"'),
+    "an unmasked frame": bytes((0x81, 2)) + b"{}",
+    "reserved bits set": bytes((0xC1,)) + client_frame(1, b"{}")[1:],
+    "a length not in its shortest encoding": bytes((0x81, 0x80 | 126, 0, 5))
+    + os.urandom(4)
+    + b"abcde",
+}
+
+
+@pytest.mark.parametrize("stream", list(STREAMS), ids=list(STREAMS))
+@pytest.mark.parametrize("split", ["whole", "random pieces", "byte by byte"])
+def test_a_socket_reads_what_autobahn_reads_from_any_stream_in_any_pieces(factory, stream, split):
+    data = STREAMS[stream]
+    if split == "whole":
+        pieces = []
+    elif split == "byte by byte":
+        pieces = list(range(1, len(data))) if len(data) < 5000 else list(range(1, 5000))
+    else:
+        pieces = sorted(random.sample(range(1, len(data)), min(12, len(data) - 1)))
+    ours = fed(opened_socket(factory), data, pieces, at_once=True)
+    autobahns = fed(opened_socket(factory), data, pieces, at_once=False)
+    assert ours == autobahns
+    assert ours[0], "the application got nothing: the stream tests nothing"
+
+
+@pytest.mark.parametrize("limit", ["maxFramePayloadSize", "maxMessagePayloadSize"])
+def test_a_frame_over_a_limit_fails_the_socket_as_autobahn_does(factory, limit):
+    data = client_frame(1, b'"small"') + client_frame(1, text(200)) + client_frame(1, b'"next"')
+    sockets = [opened_socket(factory), opened_socket(factory)]
+    for socket in sockets:
+        setattr(socket, limit, 100)
+    ours = fed(sockets[0], data, [], at_once=True)
+    assert ours == fed(sockets[1], data, [], at_once=False)
+    received = [event["text"] for event in ours[0] if event["type"] == "websocket.receive"]
+    assert received == ['"small"'] and ours[2] != lean_server.STATE_OPEN
+
+
+def test_whole_text_frames_are_read_without_autobahns_frame_by_frame_steps(factory):
+    socket = opened_socket(factory)
+    application_events(socket)  # websocket.connect
+    socket.processData = None  # autobahn's reading of a frame, which must not run
+    socket._dataReceived(client_frame(1, b'{"n": 1}') + client_frame(1, text(300)))
+    events = application_events(socket)
+    assert [event["text"] for event in events] == ['{"n": 1}', text(300).decode()]
+    # Nor does the socket keep autobahn's per-message state for them.
+    assert not {"message_data", "frame_data", "current_frame_masker"} & set(vars(socket))
+
+
+def test_traffic_restarts_the_keep_alive_ping_as_with_autobahn(factory):
+    socket = opened_socket(factory)
+    application_events(socket)  # websocket.connect
+    cancelled = []
+    socket._cancelAutoPingTimeoutCall = lambda: cancelled.append(True)
+    socket.autoPingTimeoutCall = object()  # a ping waits for its pong
+    socket._dataReceived(client_frame(1, b"{}") + client_frame(1, b"[]"))
+    assert cancelled == [True] and len(application_events(socket)) == 2
