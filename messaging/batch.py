@@ -255,7 +255,12 @@ class _PostgresStatements(_Statements):
     planned every statement of every batch: 1.7 ms of its CPU for a batch of four sends, four
     acks and four marks, against 0.1 ms of execution (EXPLAIN ANALYZE of each). A statement per
     array (`unnest`, `= ANY`) has one text whatever the batch holds, so the server prepares it
-    once and reuses its plan."""
+    once and reuses its plan.
+
+    The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
+    an array in Python, quoting and escaping element by element, which took 3.4 ms for the
+    payloads of 300 sends, 1.2 ms for their expiry times and 0.5 ms for their ids; the binary
+    format of each took 57-74 µs."""
 
     native_uuid = True
     begin = "BEGIN"
@@ -272,8 +277,8 @@ class _PostgresStatements(_Statements):
             f"INSERT INTO {self.message} (id, sender_id, kind, topic, payload, client_id,"
             " recipient_count, created_at, expires_at)"
             " SELECT id, sender_id, kind, topic, payload::jsonb, client_id, recipient_count, %s,"
-            " expires_at FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[],"
-            " %s::text[], %s::text[], %s::integer[], %s::timestamptz[]) AS v (id, sender_id,"
+            " expires_at FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::text[],"
+            " %b::text[], %b::text[], %b::integer[], %b::timestamptz[]) AS v (id, sender_id,"
             " kind, topic, payload, client_id, recipient_count, expires_at)"
         )
         # Each recipient's counter moves on by its count (a first message creates it), rows
@@ -282,7 +287,7 @@ class _PostgresStatements(_Statements):
         # The new last seqs come back to build the frames once the batch is committed.
         self.store_deliveries = (
             f"WITH bumped AS (INSERT INTO {self.mailbox} AS m (agent_id, last_seq)"
-            " SELECT agent_id, n FROM unnest(%s::bigint[], %s::bigint[]) AS v (agent_id, n)"
+            " SELECT agent_id, n FROM unnest(%b::bigint[], %b::bigint[]) AS v (agent_id, n)"
             " ORDER BY agent_id"
             " ON CONFLICT (agent_id) DO UPDATE SET last_seq = m.last_seq + EXCLUDED.last_seq"
             " RETURNING m.agent_id, m.last_seq),"
@@ -290,44 +295,44 @@ class _PostgresStatements(_Statements):
             " attempts, expires_at)"
             " SELECT d.message_id, d.recipient_id, b.last_seq - d.back,"
             f" '{Delivery.Status.QUEUED}', 0, d.expires_at"
-            " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[], %s::timestamptz[])"
+            " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %b::timestamptz[])"
             " AS d (message_id, recipient_id, back, expires_at)"
             " JOIN bumped AS b ON b.agent_id = d.recipient_id)"
             " SELECT agent_id, last_seq FROM bumped"
         )
         self.open_channels_any = (
             f"SELECT agent_id, channel_name FROM {connection_table}"
-            " WHERE closed_at IS NULL AND agent_id = ANY(%s::bigint[])"
+            " WHERE closed_at IS NULL AND agent_id = ANY(%b::bigint[])"
         )
         self.active_agents_any = (
             f"SELECT agent_id, id FROM {agent} WHERE state = '{Agent.State.ACTIVE}'"
-            " AND agent_id = ANY(%s::text[])"
+            " AND agent_id = ANY(%b::text[])"
         )
         self.stored_client_ids_of = (
             f"SELECT m.sender_id, m.client_id FROM {self.message} AS m"
-            " JOIN unnest(%s::bigint[], %s::text[]) AS v (sender_id, client_id)"
+            " JOIN unnest(%b::bigint[], %b::text[]) AS v (sender_id, client_id)"
             " ON m.sender_id = v.sender_id AND m.client_id = v.client_id"
             " WHERE m.client_id IS NOT NULL"
         )
         self.ack_ids_any = (
             f"UPDATE {self.delivery} SET {self.acked}"
-            f" WHERE recipient_id = %s AND {self.pending} AND message_id = ANY(%s::uuid[])"
+            f" WHERE recipient_id = %s AND {self.pending} AND message_id = ANY(%b::uuid[])"
         )
         self.ack_up_to_rows = (
             f"UPDATE {self.delivery} AS d SET {self.acked}"
-            " FROM unnest(%s::bigint[], %s::bigint[]) AS v (recipient_id, up_to)"
+            " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, up_to)"
             f" WHERE d.recipient_id = v.recipient_id AND d.seq <= v.up_to AND d.{self.pending}"
         )
         self.mark_rows = (
             f"UPDATE {self.delivery} AS d SET status = '{Delivery.Status.DELIVERED}',"
             " delivered_at = %s, attempts = d.attempts + 1"
-            " FROM unnest(%s::bigint[], %s::bigint[]) AS v (recipient_id, seq)"
+            " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, seq)"
             f" WHERE d.recipient_id = v.recipient_id AND d.seq = v.seq AND d.{self.pending}"
         )
         self.touch_connections_any = (
-            f"UPDATE {connection_table} SET last_seen_at = %s WHERE id = ANY(%s::bigint[])"
+            f"UPDATE {connection_table} SET last_seen_at = %s WHERE id = ANY(%b::bigint[])"
         )
-        self.touch_agents_any = f"UPDATE {agent} SET last_seen_at = %s WHERE id = ANY(%s::bigint[])"
+        self.touch_agents_any = f"UPDATE {agent} SET last_seen_at = %s WHERE id = ANY(%b::bigint[])"
 
     def cursor(self, raw):
         """A cursor that binds on the server, so that statements can be prepared.
