@@ -104,13 +104,16 @@ _SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 class InputQueue:
     """The part of asyncio.Queue an ASGI `receive` needs: put_nowait() and awaiting get()."""
 
-    __slots__ = ("_getters", "_items", "_loop")
+    __slots__ = ("_getters", "_items", "_loop", "idle_reader")
 
     def __init__(self):
         self._items: list = []
         self._getters: list[asyncio.Future] = []
         # The loop it is read on, once read: asyncio.get_running_loop() makes a system call.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # An application waiting for events with nothing in hand may take an event at once,
+        # from daphne's read of it: its `receive_now(event)` says whether it did.
+        self.idle_reader = None
 
     def qsize(self) -> int:
         return len(self._items)
@@ -119,6 +122,11 @@ class InputQueue:
         return not self._items
 
     def put_nowait(self, item) -> None:
+        reader = self.idle_reader
+        if reader is not None:
+            if reader.receive_now(item):
+                return
+            self.idle_reader = None  # busy with this event from now on
         while self._getters:
             getter = self._getters.pop(0)
             if not getter.done():

@@ -11,6 +11,7 @@ from django.db import connection
 
 from mcp_project.asgi import application
 from messaging.engine import engine
+from ops.lean_server import InputQueue
 
 
 @pytest.fixture(autouse=True)
@@ -106,11 +107,22 @@ class WritingSend:
         return True
 
 
-def application_writing_now(scope, receive, send):
-    return application(scope, receive, WritingSend(send))  # the consumer's own coroutine
+async def application_writing_now(scope, receive, send):
+    """The hub as daphne serves it (ops/lean_server.py): events come through an InputQueue,
+    put there from outside the consumer's task, and frames can be written at once."""
+    queue = InputQueue()
+    feeder = asyncio.ensure_future(_feed(receive, queue))
+    consumer = application(scope, queue.get, WritingSend(send))
+    del scope  # nor does this coroutine keep the scope (test_ws_auth)
+    try:
+        await consumer
+    finally:
+        feeder.cancel()
 
 
-application_writing_now._asgi_single_callable = True  # an ASGI 3 application (asgiref)
+async def _feed(receive, queue: InputQueue) -> None:
+    while True:
+        queue.put_nowait(await receive())
 
 
 def communicator_for(

@@ -108,6 +108,72 @@ async def test_a_socket_that_writes_at_once_fills_a_gap_in_its_frames_from_the_d
     await b.disconnect()
 
 
+@pytest.fixture
+def read_the_coroutine_way(monkeypatch):
+    """The frames a socket read through websocket_receive rather than at once."""
+    from messaging.consumers import AgentConsumer
+
+    frames = []
+    original = AgentConsumer.websocket_receive
+
+    async def websocket_receive(self, message):
+        frames.append(message.get("frame", {}).get("type", "unparsed"))
+        await original(self, message)
+
+    monkeypatch.setattr(AgentConsumer, "websocket_receive", websocket_receive)
+    return frames
+
+
+async def test_a_waiting_socket_reads_sends_acks_and_heartbeats_at_once(
+    alice, bob, read_the_coroutine_way
+):
+    a, _ = await connect(alice)
+    b, _ = await connect(bob)
+    read_the_coroutine_way.clear()
+    await a.send_json_to({"type": "send", "to": "bob", "payload": 1, "ref": "s"})
+    assert (await receive(a))["type"] == "accepted"
+    [message] = await receive_messages(b, 1)
+    await b.send_json_to({"type": "ack", "up_to_seq": message["seq"]})
+    assert (await request(b, {"type": "heartbeat", "ref": "h"}))["type"] == "heartbeat_ack"
+    assert read_the_coroutine_way == []
+    # Anything else is read the coroutine way, parsed once.
+    assert (await request(a, {"type": "subscribe", "topic": "t", "ref": "x"}))["ref"] == "x"
+    assert read_the_coroutine_way == ["subscribe"]
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_a_frame_read_at_once_never_overtakes_one_read_the_coroutine_way(alice):
+    a, _ = await connect(alice)
+    # Sent together: the publish reaches the socket while the subscribe is being stored.
+    await a.send_json_to({"type": "subscribe", "topic": "jobs", "ref": "sub"})
+    await a.send_json_to({"type": "publish", "topic": "jobs", "payload": 1, "ref": "pub"})
+    await a.send_json_to({"type": "heartbeat", "ref": "hb"})
+    answers = [await receive(a) for _ in range(4)]
+    assert answers[0]["ref"] == "sub"
+    by_type = {frame["type"]: frame for frame in answers[1:]}
+    assert by_type["heartbeat_ack"]["ref"] == "hb"  # answered before the publish's commit
+    assert by_type["accepted"]["recipients"] == 1  # the subscription was stored first
+    assert by_type["message"]["payload"] == 1
+    await a.disconnect()
+
+
+async def test_a_frame_read_at_once_that_fails_is_answered_and_the_socket_lives_on(
+    alice, bob, monkeypatch
+):
+    from messaging.consumers import AgentConsumer
+
+    def failing(self, frame, **fields):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(AgentConsumer, "_accept_now", failing)
+    a, _ = await connect(alice)
+    answer = await request(a, {"type": "send", "to": "bob", "payload": 1, "ref": "r"})
+    assert (answer["type"], answer["code"], answer["ref"]) == ("error", "internal", "r")
+    assert (await request(a, {"type": "heartbeat", "ref": "h"}))["type"] == "heartbeat_ack"
+    await a.disconnect()
+
+
 async def test_it_answers_a_heartbeat(alice):
     a, _ = await connect(alice)
     ack = await request(a, {"type": "heartbeat", "ref": "h1"})

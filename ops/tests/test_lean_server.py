@@ -42,6 +42,28 @@ async def test_a_queue_asks_asyncio_for_its_loop_once(monkeypatch):
     assert asked == [1]  # each call is a getpid system call (Python 3.11)
 
 
+class Reader:
+    def __init__(self, takes):
+        self.takes, self.taken = takes, []
+
+    def receive_now(self, event) -> bool:
+        if event in self.takes:
+            self.taken.append(event)
+            return True
+        return False
+
+
+async def test_an_idle_reader_takes_events_at_once_until_it_declines_one():
+    queue = InputQueue()
+    waiting = queue.next_event()
+    queue.idle_reader = reader = Reader(takes={"a", "b", "d"})
+    for event in ("a", "b", "c", "d"):
+        queue.put_nowait(event)
+    # "c" was declined: it and everything after it wait for the reader's coroutine, in order.
+    assert reader.taken == ["a", "b"] and queue.idle_reader is None
+    assert await waiting == "c" and await queue.next_event() == "d"
+
+
 async def test_events_put_before_get_come_out_in_order():
     queue = InputQueue()
     for n in range(3):
