@@ -5,15 +5,6 @@ from agents.models import Agent
 
 from . import ids
 
-# NO_CHECK_ON_INSERT: a message's sender and a delivery's message and recipient are foreign keys
-# that the database does not check. Checking them was three lookups, each locking the row it
-# found, for every message stored: 40% of a batch's transaction on PostgreSQL (300 sends: 13.1
-# -> 7.8 ms). Every row written is consistent without them: the writer stores a message and its
-# deliveries together, for a sender that is signed in and recipients it has just read as active
-# agents; agents are deregistered, never deleted, by the hub (Django refuses to delete one
-# that has sent messages, PROTECT); messages go only through Django's delete, which deletes
-# their deliveries with them.
-
 
 class Message(models.Model):
     """One accepted message; what it means for each recipient lives in its deliveries."""
@@ -27,13 +18,8 @@ class Message(models.Model):
 
     id = models.UUIDField(primary_key=True, default=ids.new_id, editable=False)
     # No index of its own: message_sender_idx starts with the sender (every index costs each send).
-    # Nor a constraint in the database (NO_CHECK_ON_INSERT below).
     sender = models.ForeignKey(
-        Agent,
-        on_delete=models.PROTECT,
-        related_name="sent_messages",
-        db_index=False,
-        db_constraint=False,
+        Agent, on_delete=models.PROTECT, related_name="sent_messages", db_index=False
     )
     kind = models.CharField(max_length=10, choices=Kind.choices)
     topic = models.CharField(max_length=100, blank=True)
@@ -83,21 +69,12 @@ class Delivery(models.Model):
     PENDING = (Status.QUEUED, Status.DELIVERED)
 
     # No indexes of their own: delivery_once starts with the message, delivery_seq_unique with
-    # the recipient (every index costs each send). Nor constraints in the database
-    # (NO_CHECK_ON_INSERT below).
+    # the recipient (every index costs each send).
     message = models.ForeignKey(
-        Message,
-        on_delete=models.CASCADE,
-        related_name="deliveries",
-        db_index=False,
-        db_constraint=False,
+        Message, on_delete=models.CASCADE, related_name="deliveries", db_index=False
     )
     recipient = models.ForeignKey(
-        Agent,
-        on_delete=models.CASCADE,
-        related_name="deliveries",
-        db_index=False,
-        db_constraint=False,
+        Agent, on_delete=models.CASCADE, related_name="deliveries", db_index=False
     )
     seq = models.BigIntegerField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
