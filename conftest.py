@@ -54,6 +54,22 @@ def fast_password_hashing(settings):
 
 
 @pytest.fixture
+def loop_lookups(monkeypatch) -> list:
+    """One entry per call of asyncio.get_running_loop() (a getpid system call in Python 3.11)."""
+    import asyncio
+
+    asked = []
+    get_running_loop = asyncio.get_running_loop
+
+    def counted():
+        asked.append(1)
+        return get_running_loop()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", counted)
+    return asked
+
+
+@pytest.fixture
 def make_agent(db):
     def make(agent_id: str, capabilities=(), **fields) -> Credentials:
         agent, secret = services.agent_register(

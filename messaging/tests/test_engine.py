@@ -3,7 +3,6 @@
 import asyncio
 import threading
 
-from messaging import engine as engine_module
 from messaging.engine import engine
 
 
@@ -11,18 +10,11 @@ async def current_engine():
     return engine()
 
 
-async def test_the_running_loops_engine_is_found_again_without_asking_asyncio(monkeypatch):
+async def test_the_engine_is_found_without_a_system_call_once_known(loop_lookups):
     first = engine()
-    asked = []
-    get_running_loop = asyncio.get_running_loop
-
-    def counted():
-        asked.append(1)
-        return get_running_loop()
-
-    monkeypatch.setattr(engine_module.asyncio, "get_running_loop", counted)
+    loop_lookups.clear()
     assert engine() is first and engine() is first
-    assert asked == []  # each call made a getpid system call (Python 3.11)
+    assert loop_lookups == []  # each call made a getpid system call (Python 3.11)
 
 
 def test_each_loop_has_its_own_engine_in_turn_and_side_by_side():

@@ -26,20 +26,12 @@ async def test_a_waiting_get_receives_the_next_event():
     assert await getter == {"type": "websocket.connect"}
 
 
-async def test_a_queue_asks_asyncio_for_its_loop_once(monkeypatch):
-    asked = []
-    get_running_loop = asyncio.get_running_loop
-
-    def counted():
-        asked.append(1)
-        return get_running_loop()
-
-    monkeypatch.setattr(lean_server.asyncio, "get_running_loop", counted)
+async def test_a_queue_asks_asyncio_for_its_loop_once(loop_lookups):
     queue = InputQueue()
     for n in range(3):
         queue.put_nowait(n)
         assert await queue.next_event() == n
-    assert asked == [1]  # each call is a getpid system call (Python 3.11)
+    assert loop_lookups == [1]  # each call is a getpid system call (Python 3.11)
 
 
 class Reader:
