@@ -209,6 +209,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
                 if not any(future.done() for future in waiting):
                     signal = loop.create_future()
                     if queue is not None:
+                        # Frames read at once run with what this task has set so far: the
+                        # session's log fields, the client's address for audits.
+                        queue.reader_context = contextvars.copy_context()
                         queue.idle_reader = self
                     await signal
                     signal = None

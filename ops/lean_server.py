@@ -85,6 +85,7 @@ of from the protocol class, saved as much per socket but cut the connect rate by
 """
 
 import asyncio
+import contextvars
 import sys
 from collections import deque
 from functools import partial
@@ -104,7 +105,7 @@ _SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 class InputQueue:
     """The part of asyncio.Queue an ASGI `receive` needs: put_nowait() and awaiting get()."""
 
-    __slots__ = ("_getters", "_items", "_loop", "idle_reader")
+    __slots__ = ("_getters", "_items", "_loop", "idle_reader", "reader_context")
 
     def __init__(self):
         self._items: list = []
@@ -112,8 +113,11 @@ class InputQueue:
         # The loop it is read on, once read: asyncio.get_running_loop() makes a system call.
         self._loop: asyncio.AbstractEventLoop | None = None
         # An application waiting for events with nothing in hand may take an event at once,
-        # from daphne's read of it: its `receive_now(event)` says whether it did.
+        # from daphne's read of it: its `receive_now(event)`, run in `reader_context` (the
+        # context variables of the application's task when it began to wait), says whether it
+        # did.
         self.idle_reader = None
+        self.reader_context: contextvars.Context | None = None
 
     def qsize(self) -> int:
         return len(self._items)
@@ -124,7 +128,7 @@ class InputQueue:
     def put_nowait(self, item) -> None:
         reader = self.idle_reader
         if reader is not None:
-            if reader.receive_now(item):
+            if self.reader_context.run(reader.receive_now, item):
                 return
             self.idle_reader = None  # busy with this event from now on
         while self._getters:

@@ -3,6 +3,7 @@ request a WebSocket was upgraded from, and what an open socket keeps of its hand
 
 import asyncio
 import base64
+import contextvars
 import gc
 import os
 import random
@@ -48,6 +49,7 @@ class Reader:
 async def test_an_idle_reader_takes_events_at_once_until_it_declines_one():
     queue = InputQueue()
     waiting = queue.next_event()
+    queue.reader_context = contextvars.copy_context()
     queue.idle_reader = reader = Reader(takes={"a", "b", "d"})
     for event in ("a", "b", "c", "d"):
         queue.put_nowait(event)
