@@ -517,10 +517,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         try:
             self._handle_now(frame)
         except Exception:  # as `_answering` answers any failure, and the socket lives on
-            logger.exception("frame handler failed", extra={"agent_id": self._agent_id})
-            self._write_now(
-                protocol.error_frame(protocol.INTERNAL, "internal error", ref=frame["ref"])
-            )
+            self._write_now(self._internal_error(frame["ref"]))
         return True
 
     def _handle_now(self, frame) -> None:
@@ -571,6 +568,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         self._track(asyncio.ensure_future(self._answering(ref, coroutine)), self._answered)
 
     def _answered(self, task) -> None:
+        """A frame in flight is answered: its task, or its commit's future, is done."""
         self._in_flight -= 1
         self._tasks.discard(task)
 
@@ -597,10 +595,12 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
                 )
             )
         except Exception:
-            logger.exception(
-                "frame handler failed", extra={"agent_id": getattr(self.agent, "agent_id", None)}
-            )
-            await self.send_json(protocol.error_frame(protocol.INTERNAL, "internal error", ref=ref))
+            await self.send_json(self._internal_error(ref))
+
+    def _internal_error(self, ref) -> dict:
+        """Log the failure being handled; the error frame that answers it."""
+        logger.exception("frame handler failed", extra={"agent_id": self._agent_id})
+        return protocol.error_frame(protocol.INTERNAL, "internal error", ref=ref)
 
     def _bucket(self) -> TokenBucket:
         bucket = self._buckets.get(self._agent_pk)
@@ -704,8 +704,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         self._track(future, functools.partial(self._accepted_now, frame))
 
     def _accepted_now(self, frame, future) -> None:
-        self._in_flight -= 1
-        self._tasks.discard(future)
+        self._answered(future)
         if future.cancelled():
             return  # the socket closed
         if future.exception() is not None:
