@@ -31,9 +31,10 @@ from agents.services import HubError
 from ops import telemetry
 from security.services import request_source
 
-from . import protocol, services
+from . import pg_arrays, protocol, services
 from .ids import new_ids
 from .models import Delivery, Mailbox, Message
+from .pg_arrays import Bigints, Integers, Texts, Timestamps, Uuids
 
 PENDING = (Delivery.Status.QUEUED, Delivery.Status.DELIVERED)
 
@@ -344,6 +345,7 @@ class _PostgresStatements(_Statements):
         if raw.prepare_threshold is None:
             raw.prepare_threshold = self.prepare_threshold
             raw.execute("SET plan_cache_mode = force_generic_plan")
+            pg_arrays.register(raw)
         return psycopg.Cursor(raw)
 
     def run(self, cursor, statement: str, params) -> None:
@@ -360,51 +362,53 @@ class _PostgresStatements(_Statements):
         return cursor.connection.pipeline()
 
     def stored_client_ids(self, cursor, pairs: list[tuple[int, str]]):
-        found = self.query(cursor, self.stored_client_ids_of, _columns(pairs))
+        found = self.query(cursor, self.stored_client_ids_of, _columns(pairs, Bigints, Texts))
         return lambda: _rows(found)
 
     def active(self, cursor, names: list[str]):
-        found = self.query(cursor, self.active_agents_any, (names,))
+        found = self.query(cursor, self.active_agents_any, (Texts(names),))
         return lambda: dict(_rows(found))
 
     def insert_messages(self, cursor, rows, created_at) -> None:
-        self.run(cursor, self.insert_message_rows, (created_at, *_columns(rows)))
+        columns = _columns(rows, Uuids, Bigints, Texts, Texts, Texts, Texts, Integers, Timestamps)
+        self.run(cursor, self.insert_message_rows, (created_at, *columns))
 
     def store(self, cursor, counts: dict[int, int], deliveries: list[tuple]):
         ids = sorted(counts)
-        message_ids, recipient_ids, backs, expiries = _columns(deliveries)
+        columns = _columns(deliveries, Uuids, Bigints, Bigints, Timestamps)
         bumped = self.query(
             cursor,
             self.store_deliveries,
-            (ids, [counts[each] for each in ids], message_ids, recipient_ids, backs, expiries),
+            (Bigints(ids), Bigints([counts[each] for each in ids]), *columns),
         )
         # Read after the mailbox locks: a socket that opens later reads this batch's messages
         # with its backlog once the commit is done.
-        sockets = self.query(cursor, self.open_channels_any, (ids,))
+        sockets = self.query(cursor, self.open_channels_any, (Bigints(ids),))
         return lambda: dict(_rows(bumped)), lambda: _rows(sockets)
 
     def settle_up_to(self, cursor, now, recipient_id: int, up_to_seq: int) -> list:
-        return self.query(cursor, self.ack_up_to_rows, (now, now, [recipient_id], [up_to_seq]))
+        return self.query(
+            cursor, self.ack_up_to_rows, (now, now, Bigints([recipient_id]), Bigints([up_to_seq]))
+        )
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
-        return self.query(cursor, self.ack_ids_any, (now, now, recipient_id, ids))
+        return self.query(cursor, self.ack_ids_any, (now, now, recipient_id, Uuids(ids)))
 
     def ack_silently(self, cursor, now, rows) -> None:
-        recipient_ids, up_to = _columns(rows)
-        self.run(cursor, self.ack_up_to_rows, (now, now, recipient_ids, up_to))
+        self.run(cursor, self.ack_up_to_rows, (now, now, *_columns(rows, Bigints, Bigints)))
 
     def mark(self, cursor, now, rows) -> None:
-        recipient_ids, seqs = _columns(rows)
-        self.run(cursor, self.mark_rows, (now, recipient_ids, seqs))
+        self.run(cursor, self.mark_rows, (now, *_columns(rows, Bigints, Bigints)))
 
     def touch(self, cursor, now, connection_ids: list[int], agent_ids: list[int]) -> None:
-        self.run(cursor, self.touch_connections_any, (now, connection_ids))
-        self.run(cursor, self.touch_agents_any, (now, agent_ids))
+        self.run(cursor, self.touch_connections_any, (now, Bigints(connection_ids)))
+        self.run(cursor, self.touch_agents_any, (now, Bigints(agent_ids)))
 
 
-def _columns(rows) -> list[list]:
-    """Rows as columns: the arrays of a statement over `unnest`."""
-    return [list(column) for column in zip(*rows, strict=True)]
+def _columns(rows, *types) -> list[pg_arrays.Array]:
+    """Rows as columns of these array types: the parameters of a statement over `unnest`."""
+    columns = list(zip(*rows, strict=True)) or [()] * len(types)
+    return [array_type(list(column)) for array_type, column in zip(types, columns, strict=True)]
 
 
 @cache
