@@ -3,13 +3,14 @@
 psycopg dumps a Python list by looking at its elements: it scans the list for a sample element,
 finds the sample's dumper, builds an array dumper for that element type (a new one for every
 cursor) and then dumps element by element through it. For the group-commit writer's statements,
-whose columns each hold one known type, that was most of the writer's own time in a small batch:
-`PostgresQuery.convert` took 45% of `write_batch`'s CPU for a batch of one send (cProfile with
-a CPU clock), for 25 arrays in 8 statements. Wrapping a column in the class of its type says the
-element type up front; the dumper writes the header and the elements in one pass.
+whose columns each hold one known type, that was nearly half of the writer's own time in a small
+batch: `PostgresQuery.convert` took 45% of `write_batch`'s CPU for a batch of one send (cProfile
+with a CPU clock), for 25 arrays in 8 statements. Wrapping a column in the class of its type
+says the element type up front; the dumper writes the header and the elements in one pass.
 
-Register the dumpers on a connection with `register(connection)`; the statements still cast
-each parameter (`%b::bigint[]`), so a wrong wrapper fails loudly rather than converting.
+Register the dumpers on a connection with `register(connection)`. The statements still cast
+each parameter to its column's array type (`%b::bigint[]`); values that do not fit their wrapper
+(text in `Bigints`, a number in `Texts`) fail in the dumper.
 """
 
 import struct
