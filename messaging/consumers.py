@@ -488,7 +488,8 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         of it, while the socket waits for events with nothing in hand (ops/lean_server.py,
         InputQueue): no future, task step or coroutine of its own, which were about a fifth of
         the event loop's time on the direct benchmark. False for anything else, which the socket
-        reads the coroutine way (`websocket_receive`), parsed already."""
+        reads the coroutine way (`websocket_receive`), with the frame parsed here kept in
+        `event["frame"]` so that it is not parsed twice."""
         text = event.get("text")
         if (
             text is None
