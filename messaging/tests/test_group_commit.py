@@ -1,6 +1,7 @@
 """Group commit: the sends, acks and delivered marks of many sockets stored in one transaction."""
 
 import asyncio
+import re
 import threading
 import time
 from datetime import timedelta
@@ -9,7 +10,7 @@ import psycopg
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.db import OperationalError, close_old_connections, connection
+from django.db import OperationalError, close_old_connections, connection, transaction
 from django.utils import timezone
 
 from agents import services as agent_services
@@ -416,3 +417,52 @@ async def test_the_writer_checks_its_connection_once_a_second_and_after_a_failed
         await writer.send(outgoing(alice, "bob", "lost"))
     await writer.send(outgoing(alice, "bob", "after"))
     assert len(checks) == 2  # the batch after the failure checked first
+
+
+def _rows_read(plan: dict) -> int:
+    """The most rows any node of an EXPLAIN ANALYZE plan produced (all its loops)."""
+    own = plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1)
+    return max([own, *(_rows_read(child) for child in plan.get("Plans", ()))])
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's cached plans")
+def test_the_writers_statements_read_one_recipient_whatever_the_tables_held_when_planned(
+    alice, bob, carol
+):
+    # The writer prepares its statements on tables that are still nearly empty...
+    sent = batch.write_batch([outgoing(alice, "bob", 0, client_id="first")], [], {}).sends
+    batch.write_batch([outgoing(alice, "bob", 1)], [], {bob.agent.pk: [1]})
+    batch.write_batch([], [batch.Ack(bob.agent.pk, up_to_seq=2, answer=False)], {})
+    assert sent[0].status == "queued"
+    # ...which then fill: thousands of pending deliveries (and messages) of someone else.
+    now = timezone.now()
+    messages = Message.objects.bulk_create(
+        Message(sender=alice.agent, kind="direct", payload=n, client_id=f"c{n}", created_at=now)
+        for n in range(3000)
+    )
+    Delivery.objects.bulk_create(
+        Delivery(message=message, recipient=carol.agent, seq=n + 1)
+        for n, message in enumerate(messages)
+    )
+    prepared = dict(
+        connection.connection.execute("SELECT statement, name FROM pg_prepared_statements")
+    )
+
+    def rows_read(cursor, statement: str, arguments: str) -> int:
+        """Run a prepared statement of the writer's; the most rows a step of it read."""
+        numbers = iter(range(1, 100))
+        name = prepared[re.sub(r"%[sb]", lambda _: f"${next(numbers)}", statement)]
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name} ({arguments})")
+        [[[explained]]] = cursor.fetchall()
+        return _rows_read(explained["Plan"])
+
+    sql, pk = batch._statements("postgresql"), bob.agent.pk
+    # One transaction, rolled back at the end (a rollback makes psycopg drop what it prepared).
+    with transaction.atomic(), connection.cursor() as cursor:
+        read = (
+            rows_read(cursor, sql.ack_up_to, f"now(), now(), {pk}, 2"),
+            rows_read(cursor, sql.mark_delivered, f"now(), {pk}, 2"),
+            rows_read(cursor, sql.client_ids_of_sender, f"{pk}, '{{x}}'"),
+        )
+        transaction.set_rollback(True)
+    assert read == (0, 0, 0)
