@@ -261,15 +261,16 @@ class _PostgresStatements(_Statements):
     array (`unnest`, `= ANY`) has one text whatever the batch holds, so the server prepares it
     once and reuses its plan.
 
-    Acks, delivered marks and the client-id lookup are not joins of arrays with the table but
-    statements keyed on an index's leading columns: a row each (the base class's texts, sent
-    with `executemany` in the pipeline) or a sender each. A generic plan is made once, when the
-    writer first runs the statement, often on tables still small; for the joins it was a hash
-    join over every entry of `delivery_pending_idx`, which until a vacuum keeps an entry for
-    each delivery ever pending: after 40,000 messages an ack for five recipients read 40,005
-    entries (4.4 ms of the database's time, EXPLAIN ANALYZE), and a batch's share of
-    PostgreSQL's CPU grew from 1.3 to 3.8 ms over 8,000 batches. A keyed statement is an index
-    scan of its recipient (or sender) whatever the statistics: 0.9-1.0 ms a batch throughout.
+    Acks and delivered marks name their recipients to the table as well as in the join, and
+    the client-id lookup is a statement per sender, so that each reads an index from its
+    recipients (or sender) on. A generic plan is made once, when the writer first runs the
+    statement, often on tables still nearly empty; for the plain joins it was a hash join over
+    every entry of `delivery_pending_idx`, which until a vacuum keeps one for each delivery
+    ever pending: after 40,000 messages an ack for five recipients read 40,005 entries (4.4 ms
+    of the database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew
+    from 1.3 to 3.8 ms over 8,000 batches. Named, the recipients are the index scan's condition
+    whatever the statistics (0.6-0.9 ms a batch throughout), and a plain index scan marks the
+    dead entries it passes for removal.
 
     The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
     an array in Python, quoting and escaping element by element, which took 3.4 ms for the
@@ -322,8 +323,7 @@ class _PostgresStatements(_Statements):
             f"SELECT agent_id, id FROM {agent} WHERE state = '{Agent.State.ACTIVE}'"
             " AND agent_id = ANY(%b::text[])"
         )
-        # One sender's client ids; like the acks and delivered marks (the base class's, a
-        # statement per row), keyed on an index's leading columns with no join to plan.
+        # One sender's client ids (see the class's docstring).
         self.client_ids_of_sender = (
             f"SELECT sender_id, client_id FROM {self.message} WHERE sender_id = %s"
             " AND client_id IS NOT NULL AND client_id = ANY(%b::text[])"
@@ -331,6 +331,20 @@ class _PostgresStatements(_Statements):
         self.ack_ids_any = (
             f"UPDATE {self.delivery} SET {self.acked}"
             f" WHERE recipient_id = %s AND {self.pending} AND message_id = ANY(%b::uuid[])"
+        )
+        # The recipients again, as the condition of the index scan (see the class's docstring).
+        self.ack_up_to_rows = (
+            f"UPDATE {self.delivery} AS d SET {self.acked}"
+            " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, up_to)"
+            f" WHERE d.recipient_id = v.recipient_id AND d.seq <= v.up_to AND d.{self.pending}"
+            " AND d.recipient_id = ANY(%b::bigint[])"
+        )
+        self.mark_rows = (
+            f"UPDATE {self.delivery} AS d SET status = '{Delivery.Status.DELIVERED}',"
+            " delivered_at = %s, attempts = d.attempts + 1"
+            " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, seq)"
+            f" WHERE d.recipient_id = v.recipient_id AND d.seq = v.seq AND d.{self.pending}"
+            " AND d.recipient_id = ANY(%b::bigint[])"
         )
         self.touch_connections_any = (
             f"UPDATE {connection_table} SET last_seen_at = %s WHERE id = ANY(%b::bigint[])"
@@ -389,6 +403,14 @@ class _PostgresStatements(_Statements):
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
         return self.query(cursor, self.ack_ids_any, (now, now, recipient_id, Uuids(ids)))
+
+    def ack_silently(self, cursor, now, rows) -> None:
+        recipients, up_to = _columns(rows, Bigints, Bigints)
+        self.run(cursor, self.ack_up_to_rows, (now, now, recipients, up_to, recipients))
+
+    def mark(self, cursor, now, rows) -> None:
+        recipients, seqs = _columns(rows, Bigints, Bigints)
+        self.run(cursor, self.mark_rows, (now, recipients, seqs, recipients))
 
     def touch(self, cursor, now, connection_ids: list[int], agent_ids: list[int]) -> None:
         self.run(cursor, self.touch_connections_any, (now, Bigints(connection_ids)))

@@ -460,8 +460,8 @@ def test_the_writers_statements_read_one_recipient_whatever_the_tables_held_when
     # One transaction, rolled back at the end (a rollback makes psycopg drop what it prepared).
     with transaction.atomic(), connection.cursor() as cursor:
         read = (
-            rows_read(cursor, sql.ack_up_to, f"now(), now(), {pk}, 2"),
-            rows_read(cursor, sql.mark_delivered, f"now(), {pk}, 2"),
+            rows_read(cursor, sql.ack_up_to_rows, f"now(), now(), '{{{pk}}}', '{{2}}', '{{{pk}}}'"),
+            rows_read(cursor, sql.mark_rows, f"now(), '{{{pk}}}', '{{2}}', '{{{pk}}}'"),
             rows_read(cursor, sql.client_ids_of_sender, f"{pk}, '{{x}}'"),
         )
         transaction.set_rollback(True)
