@@ -261,16 +261,19 @@ class _PostgresStatements(_Statements):
     array (`unnest`, `= ANY`) has one text whatever the batch holds, so the server prepares it
     once and reuses its plan.
 
-    Acks and delivered marks name their recipients to the table as well as in the join, and
-    the client-id lookup is a statement per sender, so that each reads an index from its
-    recipients (or sender) on. A generic plan is made once, when the writer first runs the
-    statement, often on tables still nearly empty; for the plain joins it was a hash join over
-    every entry of `delivery_pending_idx`, which until a vacuum keeps one for each delivery
-    ever pending: after 40,000 messages an ack for five recipients read 40,005 entries (4.4 ms
-    of the database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew
-    from 1.3 to 3.8 ms over 8,000 batches. Named, the recipients are the index scan's condition
-    whatever the statistics (0.6-0.9 ms a batch throughout), and a plain index scan marks the
-    dead entries it passes for removal.
+    A few acks or delivered marks go a statement each (the base class's texts, sent with
+    `executemany` in the pipeline), keyed on the recipient, and the client-id lookup goes a
+    statement per sender. A generic plan is made once, when the writer first runs a statement,
+    often on tables still nearly empty: for the join of the arrays with the deliveries it was a
+    hash join over every entry of `delivery_pending_idx`, which until a vacuum keeps one for
+    each delivery ever pending. After 40,000 messages an ack for five recipients read 40,005
+    entries (4.4 ms of the database's time, EXPLAIN ANALYZE), and a batch's share of
+    PostgreSQL's CPU grew from 1.3 to 3.8 ms over 8,000 batches; keyed, each statement is an
+    index scan of its recipient whatever the statistics, and the batch stays at 0.9-1.0 ms.
+    Many rows go in one statement over arrays, the join, whose cost is spread over the batch:
+    a statement each cost the direct benchmark a quarter of its throughput. Naming the
+    recipients to the table as well (`recipient_id = ANY(...)`) made the planner loop over the
+    array inside an index scan of the recipients: one fan-out batch of marks took 4.8 s.
 
     The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
     an array in Python, quoting and escaping element by element, which took 3.4 ms for the
@@ -283,6 +286,8 @@ class _PostgresStatements(_Statements):
     # Only the statements run with prepare=True are prepared; Django's cursors on the same
     # connection bind on the client and are never prepared.
     prepare_threshold = 2**31
+    # Acks or delivered marks up to this many go a statement each (see above).
+    keyed_rows = 32
 
     def __init__(self):
         super().__init__()
@@ -332,19 +337,17 @@ class _PostgresStatements(_Statements):
             f"UPDATE {self.delivery} SET {self.acked}"
             f" WHERE recipient_id = %s AND {self.pending} AND message_id = ANY(%b::uuid[])"
         )
-        # The recipients again, as the condition of the index scan (see the class's docstring).
+        # For many rows at once (see the class's docstring).
         self.ack_up_to_rows = (
             f"UPDATE {self.delivery} AS d SET {self.acked}"
             " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, up_to)"
             f" WHERE d.recipient_id = v.recipient_id AND d.seq <= v.up_to AND d.{self.pending}"
-            " AND d.recipient_id = ANY(%b::bigint[])"
         )
         self.mark_rows = (
             f"UPDATE {self.delivery} AS d SET status = '{Delivery.Status.DELIVERED}',"
             " delivered_at = %s, attempts = d.attempts + 1"
             " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, seq)"
             f" WHERE d.recipient_id = v.recipient_id AND d.seq = v.seq AND d.{self.pending}"
-            " AND d.recipient_id = ANY(%b::bigint[])"
         )
         self.touch_connections_any = (
             f"UPDATE {connection_table} SET last_seen_at = %s WHERE id = ANY(%b::bigint[])"
@@ -405,12 +408,16 @@ class _PostgresStatements(_Statements):
         return self.query(cursor, self.ack_ids_any, (now, now, recipient_id, Uuids(ids)))
 
     def ack_silently(self, cursor, now, rows) -> None:
-        recipients, up_to = _columns(rows, Bigints, Bigints)
-        self.run(cursor, self.ack_up_to_rows, (now, now, recipients, up_to, recipients))
+        if len(rows) <= self.keyed_rows:
+            super().ack_silently(cursor, now, rows)
+        else:
+            self.run(cursor, self.ack_up_to_rows, (now, now, *_columns(rows, Bigints, Bigints)))
 
     def mark(self, cursor, now, rows) -> None:
-        recipients, seqs = _columns(rows, Bigints, Bigints)
-        self.run(cursor, self.mark_rows, (now, recipients, seqs, recipients))
+        if len(rows) <= self.keyed_rows:
+            super().mark(cursor, now, rows)
+        else:
+            self.run(cursor, self.mark_rows, (now, *_columns(rows, Bigints, Bigints)))
 
     def touch(self, cursor, now, connection_ids: list[int], agent_ids: list[int]) -> None:
         self.run(cursor, self.touch_connections_any, (now, Bigints(connection_ids)))

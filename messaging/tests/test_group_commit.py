@@ -104,7 +104,10 @@ def test_a_batch_on_a_dropped_connection_fails_alone_and_the_next_one_reconnects
     assert [payload for _, payload, _ in inbox(bob)] == ["a", "b"]
 
 
-def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob):
+# On PostgreSQL, a statement per row or one over arrays for them all (batch._PostgresStatements).
+@pytest.mark.parametrize("keyed_rows", [0, 1000])
+def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob, keyed_rows, monkeypatch):
+    monkeypatch.setattr(batch._PostgresStatements, "keyed_rows", keyed_rows)
     sent = batch.write_batch([outgoing(alice, "bob", n) for n in range(4)], [], {}).sends
     acks = [
         batch.Ack(bob.agent.pk, up_to_seq=2),
@@ -460,8 +463,8 @@ def test_the_writers_statements_read_one_recipient_whatever_the_tables_held_when
     # One transaction, rolled back at the end (a rollback makes psycopg drop what it prepared).
     with transaction.atomic(), connection.cursor() as cursor:
         read = (
-            rows_read(cursor, sql.ack_up_to_rows, f"now(), now(), '{{{pk}}}', '{{2}}', '{{{pk}}}'"),
-            rows_read(cursor, sql.mark_rows, f"now(), '{{{pk}}}', '{{2}}', '{{{pk}}}'"),
+            rows_read(cursor, sql.ack_up_to, f"now(), now(), {pk}, 2"),
+            rows_read(cursor, sql.mark_delivered, f"now(), {pk}, 2"),
             rows_read(cursor, sql.client_ids_of_sender, f"{pk}, '{{x}}'"),
         )
         transaction.set_rollback(True)
