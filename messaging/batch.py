@@ -377,8 +377,12 @@ class _PostgresStatements(_Statements):
 
     def pipeline(self, cursor):
         """psycopg's pipeline mode: a batch's statements cost a round trip where a result is
-        read, not one each."""
-        return cursor.connection.pipeline()
+        read, not one each; they go out together (`_BatchPipeline`)."""
+        raw = cursor.connection
+        if raw._pipeline is None and _BatchPipeline.supported:
+            # Connection.pipeline() enters the connection's pipeline where it has one.
+            raw._pipeline = _BatchPipeline(raw)
+        return raw.pipeline()
 
     def client_ids_of(self, cursor, sender_pk: int, client_ids: list[str]) -> list:
         return self.query(cursor, self.client_ids_of_sender, (sender_pk, Texts(client_ids)))
@@ -422,6 +426,60 @@ class _PostgresStatements(_Statements):
     def touch(self, cursor, now, connection_ids: list[int], agent_ids: list[int]) -> None:
         self.run(cursor, self.touch_connections_any, (now, Bigints(connection_ids)))
         self.run(cursor, self.touch_agents_any, (now, Bigints(agent_ids)))
+
+
+class _BatchPipeline(psycopg.Pipeline):
+    """psycopg's pipeline, holding a batch's statements back until a result is needed.
+
+    psycopg hands each statement of a pipeline to the socket as it is executed: a batch of two
+    or three sends and their acks made 21 writes to the database's socket and 42 polls of it
+    (strace of the writer thread on the latency benchmark), each write waking the database's
+    process while the writer held the interpreter lock. Here statements wait in the pipeline's
+    queue and go out in one write when the pipeline syncs (its end), a result is fetched or
+    `HOLD` of them wait. A batch of three sends and the acks of the batch before it (the
+    writer alone, 1,500 batches, three alternating runs): writer CPU 0.68 / 0.78 / 0.76 ms ->
+    0.53 / 0.58 / 0.67 ms. On the latency benchmark the writer's system time halved and its
+    involuntary context switches went from 25,000 to 10,000 in 15 s.
+
+    It overrides generators of psycopg's pipeline that are not its public API; where a psycopg
+    release lacks one of them (`supported`), the writer uses psycopg's own pipeline.
+    """
+
+    HOLD = 64
+    _holding = True
+    supported = all(
+        callable(getattr(psycopg.Pipeline, name, None))
+        for name in ("_communicate_gen", "_sync_gen", "_exit_gen", "_fetch_gen")
+    )
+
+    def _communicate_gen(self):
+        if self._holding and len(self.command_queue) < self.HOLD:
+            return
+        # Every queued statement into libpq's buffer first, then one flush for them all.
+        while self.command_queue:
+            self.command_queue.popleft()()
+        yield from super()._communicate_gen()
+
+    def _sending(self, gen):
+        holding, self._holding = self._holding, False
+        try:
+            return (yield from gen)
+        finally:
+            self._holding = holding
+
+    def _sync_gen(self):
+        return self._sending(super()._sync_gen())
+
+    def _exit_gen(self):
+        return self._sending(super()._exit_gen())
+
+    def _fetch_gen(self, *, flush: bool):
+        # A result read before the end: what is held goes out first.
+        return self._sending(self._fetch_after_sending(flush))
+
+    def _fetch_after_sending(self, flush: bool):
+        yield from self._communicate_gen()
+        yield from super()._fetch_gen(flush=flush)
 
 
 def _columns(rows, *types) -> list[pg_arrays.Array]:
