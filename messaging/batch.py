@@ -379,7 +379,7 @@ class _PostgresStatements(_Statements):
         """psycopg's pipeline mode: a batch's statements cost a round trip where a result is
         read, not one each; they go out together (`_BatchPipeline`)."""
         raw = cursor.connection
-        if raw._pipeline is None and _BatchPipeline.supported:
+        if _BatchPipeline.supported and getattr(raw, "_pipeline", False) is None:
             # Connection.pipeline() enters the connection's pipeline where it has one.
             raw._pipeline = _BatchPipeline(raw)
         return raw.pipeline()
@@ -441,8 +441,9 @@ class _BatchPipeline(psycopg.Pipeline):
     0.53 / 0.58 / 0.67 ms. On the latency benchmark the writer's system time halved and its
     involuntary context switches went from 25,000 to 10,000 in 15 s.
 
-    It overrides generators of psycopg's pipeline that are not its public API; where a psycopg
-    release lacks one of them (`supported`), the writer uses psycopg's own pipeline.
+    It overrides generators of psycopg's pipeline that are not its public API and is installed
+    as the connection's `_pipeline`, which `Connection.pipeline()` enters where it is set; where
+    a psycopg release lacks either, the writer uses psycopg's own pipeline.
     """
 
     HOLD = 64
