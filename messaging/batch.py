@@ -324,9 +324,12 @@ class _PostgresStatements(_Statements):
             f"SELECT agent_id, channel_name FROM {connection_table}"
             " WHERE closed_at IS NULL AND agent_id = ANY(%b::bigint[])"
         )
+        # A lookup of the agent-id key per name: as `agent_id = ANY(...)`, the generic plan made
+        # on a new hub's nearly empty table scanned `agent_state_seen_idx` for every active agent
+        # and filtered them by name (EXPLAIN of the prepared statement). A null id: not active.
         self.active_agents_any = (
-            f"SELECT agent_id, id FROM {agent} WHERE state = '{Agent.State.ACTIVE}'"
-            " AND agent_id = ANY(%b::text[])"
+            f"SELECT v.name, (SELECT a.id FROM {agent} AS a WHERE a.agent_id = v.name"
+            f" AND a.state = '{Agent.State.ACTIVE}') FROM unnest(%b::text[]) AS v (name)"
         )
         # One sender's client ids (see the class's docstring).
         self.client_ids_of_sender = (
@@ -389,7 +392,7 @@ class _PostgresStatements(_Statements):
 
     def active(self, cursor, names: list[str]):
         found = self.query(cursor, self.active_agents_any, (Texts(names),))
-        return lambda: dict(_rows(found))
+        return lambda: {name: pk for name, pk in _rows(found) if pk is not None}
 
     def insert_messages(self, cursor, rows, created_at) -> None:
         columns = _columns(rows, Uuids, Bigints, Texts, Texts, Texts, Texts, Integers, Timestamps)
