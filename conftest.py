@@ -32,11 +32,14 @@ class Credentials:
 @pytest.fixture(autouse=True)
 def message_writers_stopped():
     """End the test's message writer thread with the test: it holds a database connection and,
-    on SQLite, checkpoints the database file beside the next test's writer."""
+    on SQLite, checkpoints the database file beside the next test's writer. The agents the
+    writer remembers go with it: the next test's agents are new rows."""
+    from messaging.batch import _statements
     from messaging.engine import stop_writers
 
     yield
     stop_writers()
+    _statements.cache_clear()
 
 
 @pytest.fixture(autouse=True)

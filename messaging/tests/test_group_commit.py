@@ -62,6 +62,48 @@ def test_a_refusal_stays_with_its_send_and_the_rest_are_stored(alice, bob):
     assert Message.objects.count() == 2
 
 
+def test_a_recipient_disabled_or_replaced_since_an_earlier_batch_is_looked_up_afresh(
+    alice, bob, carol
+):
+    batch.write_batch([outgoing(alice, "bob", 1), outgoing(alice, "carol", 1)], [], {})
+    # Another server (or an operator) disables bob.
+    Agent.objects.filter(pk=bob.agent.pk).update(state=Agent.State.DISABLED)
+    refused, accepted = batch.write_batch(
+        [outgoing(alice, "bob", 2), outgoing(bob, "alice", 2)], [], {}
+    ).sends
+    assert isinstance(refused, UnknownRecipient) and isinstance(accepted, Accepted)
+    assert [payload for _, payload, _ in inbox(bob)] == [1]
+    [again] = batch.write_batch([outgoing(alice, "bob", 3)], [], {}).sends
+    assert isinstance(again, UnknownRecipient)
+    # carol is deregistered and registered anew: a new agent under the same name.
+    Agent.objects.filter(pk=carol.agent.pk).delete()
+    new_carol, _ = agent_services.agent_register(agent_id="carol")
+    [accepted] = batch.write_batch([outgoing(alice, "carol", 2)], [], {}).sends
+    assert accepted.recipient_ids == (new_carol.pk,)
+    assert Delivery.objects.get(recipient=new_carol).message.payload == 2
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite's lookups cost no round trip")
+def test_a_batch_to_recipients_found_before_makes_one_round_trip(alice, bob, monkeypatch):
+    sql = batch._statements(connection.vendor)
+    pipeline, round_trips = sql.pipeline, []
+
+    def counted(cursor):
+        round_trips.append(1)
+        return pipeline(cursor)
+
+    monkeypatch.setattr(sql, "pipeline", counted)
+    batch.write_batch([outgoing(alice, "bob", 1)], [], {})
+    assert len(round_trips) == 2  # the lookup, then the transaction
+    round_trips.clear()
+    batch.write_batch([outgoing(alice, "bob", 2), outgoing(bob, "alice", 2)], [], {})
+    assert len(round_trips) == 2  # alice is new to the writer
+    round_trips.clear()
+    batch.write_batch([outgoing(alice, "bob", 3), outgoing(bob, "alice", 3)], [], {})
+    assert len(round_trips) == 1
+    assert [payload for _, payload, _ in inbox(bob)] == [1, 2, 3]
+
+
 def test_a_client_id_repeated_in_a_batch_or_after_it_is_stored_once(alice, bob):
     first, again = batch.write_batch(
         [outgoing(alice, "bob", "a", client_id="x"), outgoing(alice, "bob", "b", client_id="x")],
@@ -80,7 +122,8 @@ def test_a_client_id_committed_by_another_writer_meanwhile_answers_a_duplicate(
 ):
     [first] = batch.write_batch([outgoing(alice, "bob", "a", client_id="x")], [], {}).sends
     # Another server commits the same client id between this writer's check and its insert.
-    monkeypatch.setattr(batch, "_known_duplicates", lambda *args: None)
+    sql = batch._statements(connection.vendor)
+    monkeypatch.setattr(sql, "stored_client_ids", lambda cursor, pairs: list)
     repeat, other = batch.write_batch(
         [outgoing(alice, "bob", "b", client_id="x"), outgoing(alice, "bob", "c")], [], {}
     ).sends
