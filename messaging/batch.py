@@ -233,6 +233,24 @@ class _Statements:
         """Where statements go out without waiting for each one's answer (PostgreSQL)."""
         return nullcontext()
 
+    def gathering(self, cursor):
+        """Where the batch's writes are gathered, to be sent together at its end (PostgreSQL);
+        inside a transaction of the caller's."""
+        return nullcontext()
+
+    @contextmanager
+    def transaction(self, cursor):
+        """The batch's transaction, rolled back on any error."""
+        try:
+            with self.pipeline(cursor):
+                cursor.execute(self.begin)
+                yield
+                _commit(cursor)
+        except BaseException:
+            with suppress(Exception):  # a connection that died: its error is the one that counts
+                cursor.execute("ROLLBACK")
+            raise
+
     def bump_mailboxes(self, cursor, counts: dict[int, int], ids: list[int]) -> list:
         """Add counts[r] to each existing mailbox in `ids`; `_rows` of the cursors returned gives
         their (agent_id, new last seq)."""
@@ -307,38 +325,7 @@ class _PostgresStatements(_Statements):
     def __init__(self):
         super().__init__()
         quote = connection.ops.quote_name
-        agent, connection_table = quote(Agent._meta.db_table), quote(Connection._meta.db_table)
-        self.insert_message_rows = (
-            f"INSERT INTO {self.message} (id, sender_id, kind, topic, payload, client_id,"
-            " recipient_count, created_at, expires_at)"
-            " SELECT id, sender_id, kind, topic, payload::jsonb, client_id, recipient_count, %s,"
-            " expires_at FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::text[],"
-            " %b::text[], %b::text[], %b::integer[], %b::timestamptz[]) AS v (id, sender_id,"
-            " kind, topic, payload, client_id, recipient_count, expires_at)"
-        )
-        # Each recipient's counter moves on by its count (a first message creates it), rows
-        # locked in recipient order, as every writer does, so none waits on another in a
-        # cycle; each delivery takes its seq counted back from the recipient's new last seq.
-        # The new last seqs come back to build the frames once the batch is committed.
-        self.store_deliveries = (
-            f"WITH bumped AS (INSERT INTO {self.mailbox} AS m (agent_id, last_seq)"
-            " SELECT agent_id, n FROM unnest(%b::bigint[], %b::bigint[]) AS v (agent_id, n)"
-            " ORDER BY agent_id"
-            " ON CONFLICT (agent_id) DO UPDATE SET last_seq = m.last_seq + EXCLUDED.last_seq"
-            " RETURNING m.agent_id, m.last_seq),"
-            f" stored AS (INSERT INTO {self.delivery} (message_id, recipient_id, seq, status,"
-            " attempts, expires_at)"
-            " SELECT d.message_id, d.recipient_id, b.last_seq - d.back,"
-            f" '{Delivery.Status.QUEUED}', 0, d.expires_at"
-            " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %b::timestamptz[])"
-            " AS d (message_id, recipient_id, back, expires_at)"
-            " JOIN bumped AS b ON b.agent_id = d.recipient_id)"
-            " SELECT agent_id, last_seq FROM bumped"
-        )
-        self.open_channels_any = (
-            f"SELECT agent_id, channel_name FROM {connection_table}"
-            " WHERE closed_at IS NULL AND agent_id = ANY(%b::bigint[])"
-        )
+        agent = quote(Agent._meta.db_table)
         # A lookup of the agent-id key per name: as `agent_id = ANY(...)`, the generic plan made
         # on a new hub's nearly empty table scanned `agent_state_seen_idx` for every active agent
         # and filtered them by name (EXPLAIN of the prepared statement). A null id: not active.
@@ -356,29 +343,10 @@ class _PostgresStatements(_Statements):
             " AND m.client_id IS NOT NULL)"
             " FROM unnest(%b::bigint[], %b::text[]) AS v (sender_id, client_id)"
         )
-        self.ack_ids_any = (
-            f"UPDATE {self.delivery} SET {self.acked}"
-            f" WHERE recipient_id = %s AND {self.pending} AND message_id = ANY(%b::uuid[])"
+        arguments = ", ".join(
+            f"%b::{kind}" if kind.endswith("[]") else f"%s::{kind}" for kind in _WRITE_ARGUMENTS
         )
-        # For many rows at once (see the class's docstring).
-        self.ack_up_to_rows = (
-            f"UPDATE {self.delivery} AS d SET {self.acked}"
-            " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, up_to)"
-            f" WHERE d.recipient_id = v.recipient_id AND d.seq <= v.up_to AND d.{self.pending}"
-        )
-        self.mark_rows = (
-            f"UPDATE {self.delivery} AS d SET status = '{Delivery.Status.DELIVERED}',"
-            " delivered_at = %s, attempts = d.attempts + 1"
-            " FROM unnest(%b::bigint[], %b::bigint[]) AS v (recipient_id, seq)"
-            f" WHERE d.recipient_id = v.recipient_id AND d.seq = v.seq AND d.{self.pending}"
-        )
-        self.touch_connections_any = (
-            f"UPDATE {connection_table} SET last_seen_at = %s WHERE id = ANY(%b::bigint[])"
-        )
-        self.touch_agents_any = f"UPDATE {agent} SET last_seen_at = %s WHERE id = ANY(%b::bigint[])"
-        # Raises a foreign-key violation unless each (name, key) is an active agent (messaging
-        # migration 0004).
-        self.require_active_agents = "SELECT hub_require_active_agents(%b::text[], %b::bigint[])"
+        self.write = f"SELECT tag, key, number, channel FROM hub_write_batch({arguments})"
         # Agent id: primary key of the agents found active, used by the writer thread only.
         self._known: dict[str, int] = {}
 
@@ -393,7 +361,7 @@ class _PostgresStatements(_Statements):
             raw.prepare_threshold = self.prepare_threshold
             raw.execute("SET plan_cache_mode = force_generic_plan")
             pg_arrays.register(raw)
-        return psycopg.Cursor(raw)
+        return _BatchCursor(raw)
 
     def run(self, cursor, statement: str, params) -> None:
         cursor.execute(statement, params, prepare=True)
@@ -437,50 +405,152 @@ class _PostgresStatements(_Statements):
         return {name: known[name] for name in names if name in known}
 
     def require_active(self, cursor, agents: dict[str, int]) -> None:
-        self.run(
-            cursor,
-            self.require_active_agents,
-            (Texts(list(agents)), Bigints(list(agents.values()))),
-        )
+        cursor.writes.checks.update(agents)
 
     def forget(self) -> None:
         self._known.clear()
 
+    def transaction(self, cursor):
+        """A batch's writes are one statement, its own transaction."""
+        return self.gathering(cursor)
+
+    @contextmanager
+    def gathering(self, cursor):
+        cursor.writes = writes = _Writes()
+        yield
+        cursor.writes = None
+        if writes.any():
+            _commit(cursor, self.write, writes.arguments(self.keyed_rows))
+            writes.rows = cursor.fetchall()
+
     def insert_messages(self, cursor, rows, created_at) -> None:
-        columns = _columns(rows, Uuids, Bigints, Texts, Texts, Texts, Texts, Integers, Timestamps)
-        self.run(cursor, self.insert_message_rows, (created_at, *columns))
+        cursor.writes.messages, cursor.writes.created = rows, created_at
 
     def store(self, cursor, counts: dict[int, int], deliveries: list[tuple]):
-        ids = sorted(counts)
-        columns = _columns(deliveries, Uuids, Bigints, Bigints, Timestamps)
-        bumped = self.query(
-            cursor,
-            self.store_deliveries,
-            (Bigints(ids), Bigints([counts[each] for each in ids]), *columns),
-        )
-        # Read after the mailbox locks: a socket that opens later reads this batch's messages
-        # with its backlog once the commit is done.
-        sockets = self.query(cursor, self.open_channels_any, (Bigints(ids),))
-        return lambda: dict(_rows(bumped)), lambda: _rows(sockets)
+        writes = cursor.writes
+        writes.counts, writes.deliveries = counts, deliveries
+        return writes.last_seqs, writes.sockets
+
+    def settle_up_to(self, cursor, now, recipient_id: int, up_to_seq: int) -> list:
+        writes = cursor.writes
+        writes.moment, index = now, writes.settled()
+        writes.acks.append((index, recipient_id, up_to_seq))
+        return [_Settled(writes, index)]
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
-        return self.query(cursor, self.ack_ids_any, (now, now, recipient_id, Uuids(ids)))
+        writes = cursor.writes
+        writes.moment, index = now, writes.settled()
+        writes.id_acks += [(index, recipient_id, message_id) for message_id in ids]
+        return [_Settled(writes, index)]
 
     def ack_silently(self, cursor, now, rows) -> None:
-        if len(rows) <= self.keyed_rows:
-            super().ack_silently(cursor, now, rows)
-        else:
-            self.run(cursor, self.ack_up_to_rows, (now, now, *_columns(rows, Bigints, Bigints)))
+        cursor.writes.moment = now
+        cursor.writes.silent_acks += rows
 
     def mark(self, cursor, now, rows) -> None:
-        if len(rows) <= self.keyed_rows:
-            super().mark(cursor, now, rows)
-        else:
-            self.run(cursor, self.mark_rows, (now, *_columns(rows, Bigints, Bigints)))
+        cursor.writes.moment = now
+        cursor.writes.marks += rows
 
     def touch(self, cursor, now, connection_ids: list[int], agent_ids: list[int]) -> None:
-        self.run(cursor, self.touch_connections_any, (now, Bigints(connection_ids)))
-        self.run(cursor, self.touch_agents_any, (now, Bigints(agent_ids)))
+        cursor.writes.moment = now
+        cursor.writes.touched = (connection_ids, agent_ids)
+
+
+# hub_write_batch's arguments (messaging migration 0004): the time of the acks, marks and
+# touches, the messages' creation time, then arrays.
+_WRITE_ARGUMENTS = (
+    "timestamptz", "timestamptz",
+    "text[]", "bigint[]",  # remembered recipients to check: names, keys
+    "uuid[]", "bigint[]", "text[]", "text[]", "text[]", "text[]", "integer[]",
+    "timestamptz[]",  # messages
+    "bigint[]", "bigint[]",  # mailboxes: recipient, count
+    "uuid[]", "bigint[]", "bigint[]", "timestamptz[]",  # deliveries: message, recipient, back, ttl
+    "integer[]", "bigint[]", "bigint[]",  # acks up to a seq, answered: index, recipient, seq
+    "bigint[]", "bigint[]",  # the others: recipient, seq
+    "integer[]", "bigint[]", "uuid[]",  # acks by message id: index, recipient, message
+    "bigint[]", "bigint[]",  # delivered marks: recipient, seq
+    "bigint[]", "bigint[]",  # touched connections, agents
+    "integer",  # keyed_rows
+)  # fmt: skip
+
+
+class _BatchCursor(psycopg.Cursor):
+    # The writes of the batch being gathered (`_PostgresStatements.gathering`).
+    writes = None
+
+
+class _Writes:
+    """A batch's writes on PostgreSQL, gathered for one call of hub_write_batch."""
+
+    def __init__(self):
+        self.moment = self.created = None
+        self.checks: dict[str, int] = {}
+        self.messages: list[tuple] = []
+        self.counts: dict[int, int] = {}
+        self.deliveries: list[tuple] = []
+        self.acks: list[tuple] = []  # (answer index, recipient, up to seq)
+        self.silent_acks: list[tuple] = []  # (recipient, up to seq)
+        self.id_acks: list[tuple] = []  # (answer index, recipient, message id)
+        self.answers = 0
+        self.marks: list[tuple] = []
+        self.touched: tuple[list, list] = ([], [])
+        self.rows: list[tuple] = []
+
+    def any(self) -> bool:
+        return bool(
+            self.messages or self.acks or self.silent_acks or self.id_acks or self.marks
+            or self.touched[0]
+        )  # fmt: skip
+
+    def settled(self) -> int:
+        """The index of a new ack whose count is wanted."""
+        self.answers += 1
+        return self.answers - 1
+
+    def arguments(self, keyed_rows: int) -> tuple:
+        boxes = sorted(self.counts)
+        return (
+            self.moment,
+            self.created,
+            Texts(list(self.checks)),
+            Bigints(list(self.checks.values())),
+            *_columns(
+                self.messages, Uuids, Bigints, Texts, Texts, Texts, Texts, Integers, Timestamps
+            ),
+            Bigints(boxes),
+            Bigints([self.counts[each] for each in boxes]),
+            *_columns(self.deliveries, Uuids, Bigints, Bigints, Timestamps),
+            *_columns(self.acks, Integers, Bigints, Bigints),
+            *_columns(self.silent_acks, Bigints, Bigints),
+            *_columns(self.id_acks, Integers, Bigints, Uuids),
+            *_columns(self.marks, Bigints, Bigints),
+            Bigints(self.touched[0]),
+            Bigints(self.touched[1]),
+            keyed_rows,
+        )
+
+    def last_seqs(self) -> dict[int, int]:
+        return {key: number for tag, key, number, _ in self.rows if tag == "s"}
+
+    def sockets(self) -> list[tuple[int, str]]:
+        return [(key, channel) for tag, key, _, channel in self.rows if tag == "c"]
+
+
+@dataclass
+class _Settled:
+    """How many deliveries an ack of a gathered batch settled, once it is written."""
+
+    writes: _Writes
+    index: int
+
+    @property
+    def rowcount(self) -> int:
+        return sum(
+            number for tag, key, number, _ in self.writes.rows if tag == "a" and key == self.index
+        )
+
+    def close(self) -> None:
+        pass
 
 
 class _BatchPipeline(psycopg.Pipeline):
@@ -579,30 +649,27 @@ def _select_in(cursor, sql: _Statements, head: str, values, before=()) -> list[t
 
 @contextmanager
 def _transaction(db, cursor, sql: _Statements):
-    """One transaction on the driver's cursor, rolled back on any error; on PostgreSQL in a
-    pipeline, from BEGIN to COMMIT.
+    """One transaction on the driver's cursor (`_Statements.transaction`).
 
     Django's atomic() cost about 50 µs of CPU a batch here (its bookkeeping, and a Django cursor
     built for each BEGIN): a batch of one send, one ack and one mark on SQLite took 187 µs with
     it and 128-140 µs without. Inside a caller's atomic block (tests) this is a savepoint of
     Django's instead."""
     if db.in_atomic_block:
-        with transaction.atomic(using=db.alias):
+        with transaction.atomic(using=db.alias), sql.gathering(cursor):
             yield
         return
-    try:
-        with sql.pipeline(cursor):
-            cursor.execute(sql.begin)
-            yield
-            _commit(cursor)
-    except BaseException:
-        with suppress(Exception):  # a connection that died: its error is the one that counts
-            cursor.execute("ROLLBACK")
-        raise
+    with sql.transaction(cursor):
+        yield
 
 
-def _commit(cursor) -> None:
-    cursor.execute("COMMIT")
+def _commit(cursor, statement: str = "COMMIT", params=None) -> None:
+    """Commit a batch: COMMIT, or on PostgreSQL the statement of its gathered writes, a
+    transaction of its own (or part of a caller's)."""
+    if params is None:
+        cursor.execute(statement)
+    else:
+        cursor.execute(statement, params, prepare=True)
 
 
 @contextmanager
@@ -911,9 +978,11 @@ def _write_one_by_one(sends, acks, marks, touches) -> BatchResult:
     sql = _statements(connection.vendor)
     with transaction.atomic(), _driver_cursor(connections[DEFAULT_DB_ALIAS], sql) as cursor:
         now = connection.ops.adapt_datetimefield_value(timezone.now())
-        acked = _counts(_settle_acks(cursor, sql, acks, now))
-        _mark_delivered(cursor, sql, marks, now)
-        if touches:
-            _touch(cursor, sql, touches, now)
+        with sql.gathering(cursor):
+            settling = _settle_acks(cursor, sql, acks, now)
+            _mark_delivered(cursor, sql, marks, now)
+            if touches:
+                _touch(cursor, sql, touches, now)
+        acked = _counts(settling)
     # message_send nudged its recipients through the channel layer already.
     return BatchResult(results, acked, {}, {})

@@ -98,10 +98,10 @@ async def test_it_never_answers_accepted_when_the_commit_fails(alice, bob):
         # What the backend raises when the server goes away between the writes and COMMIT.
         raise OperationalError("server closed the connection unexpectedly")
 
-    def failing_driver_commit(cursor):
+    def failing_driver_commit(cursor, *statement):
         raise OperationalError("server closed the connection unexpectedly")
 
-    # Django's commit, and the batch writer's COMMIT on the driver's cursor.
+    # Django's commit, and the batch writer's on the driver's cursor.
     with (
         mock.patch.object(wrapper, "_commit", failing_commit),
         mock.patch.object(batch, "_commit", failing_driver_commit),
