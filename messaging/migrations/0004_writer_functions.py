@@ -1,24 +1,8 @@
 """PostgreSQL: the group-commit writer's batch as one function call (messaging/batch.py,
 `_PostgresStatements`). The tables, columns and statuses are those of the models at this
-migration; a migration that changes them replaces these functions."""
+migration; a migration that changes them replaces the function."""
 
 from django.db import migrations
-
-REQUIRE_ACTIVE = """
-CREATE OR REPLACE FUNCTION hub_require_active_agents(names text[], ids bigint[])
-RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    FOR i IN 1 .. coalesce(array_length(ids, 1), 0) LOOP
-        -- A primary-key lookup per agent, whatever the table held when this was planned.
-        PERFORM FROM agents_agent WHERE id = ids[i] AND agent_id = names[i] AND state = 'active';
-        IF NOT FOUND THEN
-            RAISE foreign_key_violation USING
-                MESSAGE = 'agent ' || names[i] || ' is no longer an active agent';
-        END IF;
-    END LOOP;
-END
-$$
-"""
 
 # What a batch writes, in this order: the check of remembered recipients; the messages; each
 # recipient's mailbox moved on by its count (rows locked in recipient order, as every writer
@@ -74,9 +58,15 @@ LANGUAGE plpgsql AS $$
 DECLARE
     settled bigint;
 BEGIN
-    IF cardinality(check_ids) > 0 THEN
-        PERFORM hub_require_active_agents(check_names, check_ids);
-    END IF;
+    FOR i IN 1 .. coalesce(array_length(check_ids, 1), 0) LOOP
+        -- A primary-key lookup per agent, whatever the table held when this was planned.
+        PERFORM FROM agents_agent
+        WHERE id = check_ids[i] AND agent_id = check_names[i] AND state = 'active';
+        IF NOT FOUND THEN
+            RAISE foreign_key_violation USING
+                MESSAGE = 'agent ' || check_names[i] || ' is no longer an active agent';
+        END IF;
+    END LOOP;
     IF cardinality(message_ids) > 0 THEN
         INSERT INTO messaging_message (id, sender_id, kind, topic, payload, client_id,
             recipient_count, created_at, expires_at)
@@ -165,17 +155,13 @@ END
 $$
 """
 
-DROP = (
-    "DROP FUNCTION IF EXISTS hub_write_batch",
-    "DROP FUNCTION IF EXISTS hub_require_active_agents(text[], bigint[])",
-)
+DROP = "DROP FUNCTION IF EXISTS hub_write_batch"
 
 
-def _on_postgresql(*statements):
+def _on_postgresql(statement):
     def run(apps, schema_editor):
         if schema_editor.connection.vendor == "postgresql":
-            for statement in statements:
-                schema_editor.execute(statement)
+            schema_editor.execute(statement)
 
     return run
 
@@ -186,6 +172,4 @@ class Migration(migrations.Migration):
         ("messaging", "0003_message_ids_in_time_order"),
     ]
 
-    operations = [
-        migrations.RunPython(_on_postgresql(REQUIRE_ACTIVE, WRITE_BATCH), _on_postgresql(*DROP))
-    ]
+    operations = [migrations.RunPython(_on_postgresql(WRITE_BATCH), _on_postgresql(DROP))]
