@@ -284,27 +284,33 @@ class _Statements:
 
 
 class _PostgresStatements(_Statements):
-    """Fixed statement texts over array parameters, prepared once per connection.
+    """A batch's writes in one statement, a call of `hub_write_batch` (messaging migration
+    0004) over array parameters, prepared once per connection; the lookups before it are fixed
+    texts over arrays as well.
 
     With a statement text per batch size and Django's client-side binding, PostgreSQL parsed and
     planned every statement of every batch: 1.7 ms of its CPU for a batch of four sends, four
     acks and four marks, against 0.1 ms of execution (EXPLAIN ANALYZE of each). A statement per
     array (`unnest`, `= ANY`) has one text whatever the batch holds, so the server prepares it
-    once and reuses its plan.
+    once and reuses its plan. Those were still eight or more statements a batch (BEGIN, the
+    messages, the deliveries, the open sockets, an ack or a mark each, the touches, COMMIT),
+    each with psycopg's work and the server's own (parse, bind, execute); as one call, a batch
+    of three sends and two acks took 1.07-1.14 ms of the writer's time instead of 1.8-2.1 ms,
+    0.49-0.59 ms of its CPU instead of 1.0-1.1 ms (`write_batch` alone, 1,500 batches). One
+    statement is its own transaction: nothing of it stays if any part fails.
 
-    A few acks or delivered marks go a statement each (the base class's texts, sent with
-    `executemany` in the pipeline), keyed on the recipient, and the lookups of names and client ids
-    are a keyed subquery per value. A generic plan is made once, when the writer first runs a
-    statement, often on tables still nearly empty: for the join of the arrays with the deliveries it
-    was a hash join over every entry of `delivery_pending_idx`, which until a vacuum keeps one for
-    each delivery ever pending. After 40,000 messages an ack for five recipients read 40,005 entries
-    (4.4 ms of the database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew
-    from 1.3 to 3.8 ms over 8,000 batches; keyed, each statement is an index scan of its recipient
-    whatever the statistics, and the batch stays at 0.9-1.0 ms. Many rows go in one statement over
-    arrays, the join, whose cost is spread over the batch: a statement each cost the direct
-    benchmark a quarter of its throughput. Naming the recipients to the table as well (`recipient_id
-    = ANY(...)`) made the planner loop over the array inside an index scan of the recipients: one
-    fan-out batch of marks took 4.8 s.
+    The function acks and marks a few deliveries (`keyed_rows` or fewer) a statement each, keyed
+    on the recipient, and the lookups of names and client ids are a keyed subquery per value. A
+    generic plan is made once, when the writer first runs a statement, often on tables still
+    nearly empty: for the join of the arrays with the deliveries it was a hash join over every
+    entry of `delivery_pending_idx`, which until a vacuum keeps one for each delivery ever
+    pending. After 40,000 messages an ack for five recipients read 40,005 entries (4.4 ms of the
+    database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew from 1.3 to
+    3.8 ms over 8,000 batches; keyed, each statement is an index scan of its recipient whatever
+    the statistics. Many rows go in one statement over arrays, the join, whose cost is spread
+    over the batch. Naming the recipients to the table as well (`recipient_id = ANY(...)`) made
+    the planner loop over the array inside an index scan of the recipients: one fan-out batch
+    of marks took 4.8 s.
 
     The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
     an array in Python, quoting and escaping element by element, which took 3.4 ms for the
@@ -317,7 +323,7 @@ class _PostgresStatements(_Statements):
     # Only the statements run with prepare=True are prepared; Django's cursors on the same
     # connection bind on the client and are never prepared.
     prepare_threshold = 2**31
-    # Acks or delivered marks up to this many go a statement each (see above).
+    # Acks or delivered marks up to this many go a statement each in the function (see above).
     keyed_rows = 32
     # Agents remembered (see `remembered`); past this many, the writer starts afresh.
     remember_at_most = 50_000
@@ -353,18 +359,15 @@ class _PostgresStatements(_Statements):
     def cursor(self, raw):
         """A cursor that binds on the server, so that statements can be prepared.
 
-        The first time on a connection, its prepared statements are told to keep one generic
-        plan: PostgreSQL planned the acks, the delivered marks and the client-id lookup afresh
-        on every execution (a custom plan each, pg_prepared_statements), whose generic plans are
-        the same index scans."""
+        The first time on a connection, its prepared statements (and the function's) are told to
+        keep one generic plan: PostgreSQL planned the acks, the delivered marks and the
+        client-id lookup afresh on every execution (a custom plan each, pg_prepared_statements),
+        whose generic plans are the same index scans."""
         if raw.prepare_threshold is None:
             raw.prepare_threshold = self.prepare_threshold
             raw.execute("SET plan_cache_mode = force_generic_plan")
             pg_arrays.register(raw)
         return _BatchCursor(raw)
-
-    def run(self, cursor, statement: str, params) -> None:
-        cursor.execute(statement, params, prepare=True)
 
     def query(self, cursor, statement: str, params):
         own = psycopg.Cursor(cursor.connection)
@@ -372,13 +375,8 @@ class _PostgresStatements(_Statements):
         return [own]
 
     def pipeline(self, cursor):
-        """psycopg's pipeline mode: a batch's statements cost a round trip where a result is
-        read, not one each; they go out together (`_BatchPipeline`)."""
-        raw = cursor.connection
-        if _BatchPipeline.supported and getattr(raw, "_pipeline", False) is None:
-            # Connection.pipeline() enters the connection's pipeline where it has one.
-            raw._pipeline = _BatchPipeline(raw)
-        return raw.pipeline()
+        """psycopg's pipeline mode: the lookups cost one round trip, not one each."""
+        return cursor.connection.pipeline()
 
     def stored_client_ids(self, cursor, pairs: list[tuple[int, str]]):
         found = self.query(cursor, self.stored_client_ids_any, _columns(pairs, Bigints, Texts))
@@ -551,61 +549,6 @@ class _Settled:
 
     def close(self) -> None:
         pass
-
-
-class _BatchPipeline(psycopg.Pipeline):
-    """psycopg's pipeline, holding a batch's statements back until a result is needed.
-
-    psycopg hands each statement of a pipeline to the socket as it is executed: a batch of two
-    or three sends and their acks made 21 writes to the database's socket and 42 polls of it
-    (strace of the writer thread on the latency benchmark), each write waking the database's
-    process while the writer held the interpreter lock. Here statements wait in the pipeline's
-    queue and go out in one write when the pipeline syncs (its end), a result is fetched or
-    `HOLD` of them wait. A batch of three sends and the acks of the batch before it (the
-    writer alone, 1,500 batches, three alternating runs): writer CPU 0.68 / 0.78 / 0.76 ms ->
-    0.53 / 0.58 / 0.67 ms. On the latency benchmark the writer's system time halved and its
-    involuntary context switches went from 25,000 to 10,000 in 15 s.
-
-    It overrides generators of psycopg's pipeline that are not its public API and is installed
-    as the connection's `_pipeline`, which `Connection.pipeline()` enters where it is set; where
-    a psycopg release lacks either, the writer uses psycopg's own pipeline.
-    """
-
-    HOLD = 64
-    _holding = True
-    supported = all(
-        callable(getattr(psycopg.Pipeline, name, None))
-        for name in ("_communicate_gen", "_sync_gen", "_exit_gen", "_fetch_gen")
-    )
-
-    def _communicate_gen(self):
-        if self._holding and len(self.command_queue) < self.HOLD:
-            return
-        # Every queued statement into libpq's buffer first, then one flush for them all.
-        while self.command_queue:
-            self.command_queue.popleft()()
-        yield from super()._communicate_gen()
-
-    def _sending(self, gen):
-        holding, self._holding = self._holding, False
-        try:
-            return (yield from gen)
-        finally:
-            self._holding = holding
-
-    def _sync_gen(self):
-        return self._sending(super()._sync_gen())
-
-    def _exit_gen(self):
-        return self._sending(super()._exit_gen())
-
-    def _fetch_gen(self, *, flush: bool):
-        # A result read before the end: what is held goes out first.
-        return self._sending(self._fetch_after_sending(flush))
-
-    def _fetch_after_sending(self, flush: bool):
-        yield from self._communicate_gen()
-        yield from super()._fetch_gen(flush=flush)
 
 
 def _columns(rows, *types) -> list[pg_arrays.Array]:

@@ -547,21 +547,3 @@ def test_the_writers_statements_read_one_recipient_whatever_the_tables_held_when
     # alice's 3,000 messages or the agents: bob's one delivery, once by each, and the value
     # looked up.
     assert (ack_and_mark, read) == (2, (1, 1))
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="psycopg's pipeline")
-def test_the_writers_pipeline_holds_statements_back_until_a_result_is_read(db):
-    sql = batch._statements("postgresql")
-    with batch._driver_cursor(connection, sql) as cursor, sql.pipeline(cursor) as pipeline:
-        first = sql.query(cursor, "SELECT %s::int", (1,))
-        second = sql.query(cursor, "SELECT %s::int * 10", (2,))
-        # psycopg's own pipeline has sent each one already.
-        held = len(pipeline.command_queue)
-        # Reading a result sends what is held first.
-        assert batch._rows(first) == [(1,)]
-        assert not pipeline.command_queue
-        third = sql.query(cursor, "SELECT %s::int * 100", (3,))
-        assert pipeline.command_queue
-    # The end of the pipeline sends the rest.
-    assert (batch._rows(second), batch._rows(third)) == ([(20,)], [(300,)])
-    assert held >= 2
