@@ -463,12 +463,12 @@ _WRITE_ARGUMENTS = (
     "timestamptz[]",  # messages
     "bigint[]", "bigint[]",  # mailboxes: recipient, count
     "uuid[]", "bigint[]", "bigint[]", "timestamptz[]",  # deliveries: message, recipient, back, ttl
-    "integer[]", "bigint[]", "bigint[]",  # acks up to a seq, answered: index, recipient, seq
-    "bigint[]", "bigint[]",  # the others: recipient, seq
-    "integer[]", "bigint[]", "uuid[]",  # acks by message id: index, recipient, message
-    "bigint[]", "bigint[]",  # delivered marks: recipient, seq
+    "integer[]", "bigint[]", "bigint[]",  # acks up to a seq, keyed: count index, recipient, seq
+    "bigint[]", "bigint[]",  # acks up to a seq, joined: recipient, seq
+    "integer[]", "bigint[]", "uuid[]",  # acks by message id: count index, recipient, message
+    "bigint[]", "bigint[]",  # delivered marks, keyed: recipient, seq
+    "bigint[]", "bigint[]",  # delivered marks, joined: recipient, seq
     "bigint[]", "bigint[]",  # touched connections, agents
-    "integer",  # keyed_rows
 )  # fmt: skip
 
 
@@ -507,6 +507,13 @@ class _Writes:
 
     def arguments(self, keyed_rows: int) -> tuple:
         boxes = sorted(self.counts)
+        # The acks nobody waits to hear about (count index -1) and the marks: keyed where few.
+        keyed_acks, joined_acks = self.acks, self.silent_acks
+        if len(self.silent_acks) <= keyed_rows:
+            keyed_acks, joined_acks = keyed_acks + [(-1, *row) for row in joined_acks], []
+        keyed_marks, joined_marks = (
+            (self.marks, []) if len(self.marks) <= keyed_rows else ([], self.marks)
+        )
         return (
             self.moment,
             self.created,
@@ -518,13 +525,13 @@ class _Writes:
             Bigints(boxes),
             Bigints([self.counts[each] for each in boxes]),
             *_columns(self.deliveries, Uuids, Bigints, Bigints, Timestamps),
-            *_columns(self.acks, Integers, Bigints, Bigints),
-            *_columns(self.silent_acks, Bigints, Bigints),
+            *_columns(keyed_acks, Integers, Bigints, Bigints),
+            *_columns(joined_acks, Bigints, Bigints),
             *_columns(self.id_acks, Integers, Bigints, Uuids),
-            *_columns(self.marks, Bigints, Bigints),
+            *_columns(keyed_marks, Bigints, Bigints),
+            *_columns(joined_marks, Bigints, Bigints),
             Bigints(self.touched[0]),
             Bigints(self.touched[1]),
-            keyed_rows,
         )
 
     def last_seqs(self) -> dict[int, int]:

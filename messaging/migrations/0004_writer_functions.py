@@ -15,9 +15,18 @@ from django.db import migrations
 # later reads this batch's messages with its backlog; ('a', ack index, deliveries settled) per
 # ack that wants its count.
 #
-# Few acks or marks (keyed_rows or fewer) go a statement each, keyed on the recipient: a plan
-# made on a new hub's nearly empty tables joined the arrays with every entry of
-# delivery_pending_idx. More go in one statement over the arrays, whose cost the batch shares.
+# Few acks or marks go a statement each, keyed on the recipient (a plan made on a new hub's
+# nearly empty tables joined the arrays with every entry of delivery_pending_idx); many go in
+# the joined_ arrays, one statement whose cost the batch shares (messaging/batch.py decides).
+# An ack also records the delivery its client saw, where no delivered mark did yet: the ack's
+# time as the delivery's, one attempt.
+ACKED = (
+    "status = 'acked', acked_at = moment, delivered_at = coalesce(delivered_at, moment),"
+    " attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END"
+)
+DELIVERED = "status = 'delivered', delivered_at = moment, attempts = attempts + 1"
+PENDING = "status IN ('queued', 'delivered')"
+
 WRITE_BATCH = """
 CREATE OR REPLACE FUNCTION hub_write_batch(
     moment timestamptz,
@@ -41,16 +50,17 @@ CREATE OR REPLACE FUNCTION hub_write_batch(
     ack_indexes integer[],
     ack_recipients bigint[],
     ack_seqs bigint[],
-    silent_recipients bigint[],
-    silent_seqs bigint[],
+    joined_ack_recipients bigint[],
+    joined_ack_seqs bigint[],
     id_ack_indexes integer[],
     id_ack_recipients bigint[],
     id_ack_messages uuid[],
     mark_recipients bigint[],
     mark_seqs bigint[],
+    joined_mark_recipients bigint[],
+    joined_mark_seqs bigint[],
     touched_connections bigint[],
-    touched_agents bigint[],
-    keyed_rows integer
+    touched_agents bigint[]
 )
 RETURNS TABLE (tag "char", key bigint, number bigint, channel text)
 LANGUAGE plpgsql AS $$
@@ -99,53 +109,33 @@ BEGIN
         WHERE c.closed_at IS NULL AND c.agent_id = ANY(boxes);
     END IF;
     FOR i IN 1 .. coalesce(array_length(ack_recipients, 1), 0) LOOP
-        UPDATE messaging_delivery
-        SET status = 'acked', acked_at = moment, delivered_at = coalesce(delivered_at, moment),
-            attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END
-        WHERE recipient_id = ack_recipients[i] AND seq <= ack_seqs[i]
-            AND status IN ('queued', 'delivered');
-        GET DIAGNOSTICS settled = ROW_COUNT;
-        RETURN QUERY SELECT 'a'::"char", ack_indexes[i]::bigint, settled, NULL::text;
+        UPDATE messaging_delivery SET {acked}
+        WHERE recipient_id = ack_recipients[i] AND seq <= ack_seqs[i] AND {pending};
+        IF ack_indexes[i] >= 0 THEN
+            GET DIAGNOSTICS settled = ROW_COUNT;
+            RETURN QUERY SELECT 'a'::"char", ack_indexes[i]::bigint, settled, NULL::text;
+        END IF;
     END LOOP;
-    IF cardinality(silent_recipients) > keyed_rows THEN
-        UPDATE messaging_delivery AS d
-        SET status = 'acked', acked_at = moment, delivered_at = coalesce(d.delivered_at, moment),
-            attempts = CASE WHEN d.attempts = 0 THEN 1 ELSE d.attempts END
-        FROM unnest(silent_recipients, silent_seqs) AS v (recipient, up_to)
-        WHERE d.recipient_id = v.recipient AND d.seq <= v.up_to
-            AND d.status IN ('queued', 'delivered');
-    ELSE
-        FOR i IN 1 .. coalesce(array_length(silent_recipients, 1), 0) LOOP
-            UPDATE messaging_delivery
-            SET status = 'acked', acked_at = moment,
-                delivered_at = coalesce(delivered_at, moment),
-                attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END
-            WHERE recipient_id = silent_recipients[i] AND seq <= silent_seqs[i]
-                AND status IN ('queued', 'delivered');
-        END LOOP;
+    IF cardinality(joined_ack_recipients) > 0 THEN
+        UPDATE messaging_delivery SET {acked}
+        FROM unnest(joined_ack_recipients, joined_ack_seqs) AS v (recipient, up_to)
+        WHERE recipient_id = v.recipient AND seq <= v.up_to AND {pending};
     END IF;
     FOR i IN 1 .. coalesce(array_length(id_ack_recipients, 1), 0) LOOP
-        UPDATE messaging_delivery
-        SET status = 'acked', acked_at = moment, delivered_at = coalesce(delivered_at, moment),
-            attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END
+        UPDATE messaging_delivery SET {acked}
         WHERE message_id = id_ack_messages[i] AND recipient_id = id_ack_recipients[i]
-            AND status IN ('queued', 'delivered');
+            AND {pending};
         GET DIAGNOSTICS settled = ROW_COUNT;
         RETURN QUERY SELECT 'a'::"char", id_ack_indexes[i]::bigint, settled, NULL::text;
     END LOOP;
-    IF cardinality(mark_recipients) > keyed_rows THEN
-        UPDATE messaging_delivery AS d
-        SET status = 'delivered', delivered_at = moment, attempts = d.attempts + 1
-        FROM unnest(mark_recipients, mark_seqs) AS v (recipient, seq)
-        WHERE d.recipient_id = v.recipient AND d.seq = v.seq
-            AND d.status IN ('queued', 'delivered');
-    ELSE
-        FOR i IN 1 .. coalesce(array_length(mark_recipients, 1), 0) LOOP
-            UPDATE messaging_delivery
-            SET status = 'delivered', delivered_at = moment, attempts = attempts + 1
-            WHERE recipient_id = mark_recipients[i] AND seq = mark_seqs[i]
-                AND status IN ('queued', 'delivered');
-        END LOOP;
+    FOR i IN 1 .. coalesce(array_length(mark_recipients, 1), 0) LOOP
+        UPDATE messaging_delivery SET {delivered}
+        WHERE recipient_id = mark_recipients[i] AND seq = mark_seqs[i] AND {pending};
+    END LOOP;
+    IF cardinality(joined_mark_recipients) > 0 THEN
+        UPDATE messaging_delivery SET {delivered}
+        FROM unnest(joined_mark_recipients, joined_mark_seqs) AS v (recipient, seq)
+        WHERE recipient_id = v.recipient AND messaging_delivery.seq = v.seq AND {pending};
     END IF;
     IF cardinality(touched_connections) > 0 THEN
         UPDATE agents_connection SET last_seen_at = moment WHERE id = ANY(touched_connections);
@@ -153,7 +143,7 @@ BEGIN
     END IF;
 END
 $$
-"""
+""".format(acked=ACKED, delivered=DELIVERED, pending=PENDING)
 
 DROP = "DROP FUNCTION IF EXISTS hub_write_batch"
 
