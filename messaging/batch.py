@@ -493,6 +493,7 @@ class _Writes:
         self.marks: list[tuple] = []
         self.touched: tuple[list, list] = ([], [])
         self.rows: list[tuple] = []
+        self._settled: dict[int, int] | None = None
 
     def any(self) -> bool:
         return bool(
@@ -540,6 +541,15 @@ class _Writes:
     def sockets(self) -> list[tuple[int, str]]:
         return [(key, channel) for tag, key, _, channel in self.rows if tag == "c"]
 
+    def settled_counts(self) -> dict[int, int]:
+        """Deliveries settled per ack whose count is wanted, by its index (read once)."""
+        if self._settled is None:
+            self._settled = {}
+            for tag, key, number, _ in self.rows:
+                if tag == "a":  # an ack by message ids has a row per id
+                    self._settled[key] = self._settled.get(key, 0) + number
+        return self._settled
+
 
 @dataclass
 class _Settled:
@@ -550,9 +560,7 @@ class _Settled:
 
     @property
     def rowcount(self) -> int:
-        return sum(
-            number for tag, key, number, _ in self.writes.rows if tag == "a" and key == self.index
-        )
+        return self.writes.settled_counts().get(self.index, 0)
 
     def close(self) -> None:
         pass

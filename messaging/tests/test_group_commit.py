@@ -160,21 +160,22 @@ def test_a_batch_on_a_dropped_connection_fails_alone_and_the_next_one_reconnects
 @pytest.mark.parametrize("keyed_rows", [0, 1000])
 def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob, keyed_rows, monkeypatch):
     monkeypatch.setattr(batch._PostgresStatements, "keyed_rows", keyed_rows)
-    sent = batch.write_batch([outgoing(alice, "bob", n) for n in range(4)], [], {}).sends
+    sent = batch.write_batch([outgoing(alice, "bob", n) for n in range(5)], [], {}).sends
     acks = [
         batch.Ack(bob.agent.pk, up_to_seq=2),
-        batch.Ack(bob.agent.pk, message_ids=[sent[3].message_id]),
+        batch.Ack(bob.agent.pk, message_ids=[sent[3].message_id, sent[4].message_id]),
         batch.Ack(bob.agent.pk, up_to_seq=4, answer=False),
     ]
     result = batch.write_batch([], acks[:2], {bob.agent.pk: [3]})
-    assert result.acks == [2, 1]
-    assert [status for _, _, status in inbox(bob)] == ["acked", "acked", "delivered", "acked"]
+    assert result.acks == [2, 2]
+    statuses = ["acked", "acked", "delivered", "acked", "acked"]
+    assert [status for _, _, status in inbox(bob)] == statuses
     assert Delivery.objects.get(recipient=bob.agent, seq=3).attempts == 1
     # An ack records the delivery its client saw where no mark did, by seq or by message id.
-    for acked in Delivery.objects.filter(recipient=bob.agent, seq__in=[1, 2, 4]):
+    for acked in Delivery.objects.filter(recipient=bob.agent, seq__in=[1, 2, 4, 5]):
         assert acked.attempts == 1 and acked.delivered_at == acked.acked_at
     assert batch.write_batch([], acks[2:], {}).acks == [None]
-    assert [status for _, _, status in inbox(bob)] == ["acked"] * 4
+    assert [status for _, _, status in inbox(bob)] == ["acked"] * 5
 
 
 async def test_sends_queued_together_are_stored_in_one_transaction(alice, bob):
