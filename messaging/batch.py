@@ -458,17 +458,24 @@ class _PostgresStatements(_Statements):
 # touches, the messages' creation time, then arrays.
 _WRITE_ARGUMENTS = (
     "timestamptz", "timestamptz",
-    "text[]", "bigint[]",  # remembered recipients to check: names, keys
-    "uuid[]", "bigint[]", "text[]", "text[]", "text[]", "text[]", "integer[]",
-    "timestamptz[]",  # messages
-    "bigint[]", "bigint[]",  # mailboxes: recipient, count
-    "uuid[]", "bigint[]", "bigint[]", "timestamptz[]",  # deliveries: message, recipient, back, ttl
-    "integer[]", "bigint[]", "bigint[]",  # acks up to a seq, keyed: count index, recipient, seq
-    "bigint[]", "bigint[]",  # acks up to a seq, joined: recipient, seq
-    "integer[]", "bigint[]", "uuid[]",  # acks by message id: count index, recipient, message
-    "bigint[]", "bigint[]",  # delivered marks, keyed: recipient, seq
-    "bigint[]", "bigint[]",  # delivered marks, joined: recipient, seq
-    "bigint[]", "bigint[]",  # touched connections, agents
+    # remembered recipients to check: names, keys
+    "text[]", "bigint[]",
+    # messages: id, sender, kind, topic, payload, client id, recipients, expiry
+    "uuid[]", "bigint[]", "text[]", "text[]", "text[]", "text[]", "integer[]", "timestamptz[]",
+    # mailboxes: recipient, count
+    "bigint[]", "bigint[]",
+    # deliveries: message, recipient, seq counted back from the new last seq, expiry
+    "uuid[]", "bigint[]", "bigint[]", "timestamptz[]",
+    # acks up to a seq, keyed: count index (-1: no count wanted), recipient, seq
+    "integer[]", "bigint[]", "bigint[]",
+    # acks up to a seq, joined: recipient, seq
+    "bigint[]", "bigint[]",
+    # acks by message id: count index, recipient, message
+    "integer[]", "bigint[]", "uuid[]",
+    # delivered marks, keyed and joined: recipient, seq
+    "bigint[]", "bigint[]", "bigint[]", "bigint[]",
+    # touched connections, agents
+    "bigint[]", "bigint[]",
 )  # fmt: skip
 
 
