@@ -522,7 +522,7 @@ class _Writes:
         keyed_marks, joined_marks = (
             (self.marks, []) if len(self.marks) <= keyed_rows else ([], self.marks)
         )
-        return (
+        arguments = (
             self.moment,
             self.created,
             Texts(list(self.checks)),
@@ -540,6 +540,12 @@ class _Writes:
             *_columns(joined_marks, Bigints, Bigints),
             Bigints(self.touched[0]),
             Bigints(self.touched[1]),
+        )
+        # An empty array goes as NULL, which the function reads as empty: nothing to dump or
+        # for the server to parse (most of a small batch's 31 arguments).
+        return tuple(
+            None if isinstance(each, pg_arrays.Array) and not each.values else each
+            for each in arguments
         )
 
     def last_seqs(self) -> dict[int, int]:
