@@ -25,6 +25,7 @@ import orjson
 import psycopg
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.utils import timezone
+from psycopg import generators, pq
 
 from agents.models import Agent, Connection
 from agents.services import HubError
@@ -347,10 +348,13 @@ class _PostgresStatements(_Statements):
             " AND m.client_id IS NOT NULL)"
             " FROM unnest(%b::bigint[], %b::text[]) AS v (sender_id, client_id)"
         )
-        arguments = ", ".join(
-            f"%b::{kind}" if kind.endswith("[]") else f"%s::{kind}" for kind in _WRITE_ARGUMENTS
+        # The batch's call, prepared once per connection under a name of ours (`cursor`) and
+        # run straight through libpq (`call`).
+        numbers = ", ".join(f"${n}" for n in range(1, len(_WRITE_ARGUMENTS) + 1))
+        self.prepare_write = (
+            f"PREPARE {_WRITE} ({', '.join(_WRITE_ARGUMENTS)})"
+            f" AS SELECT tag, key, number, channel FROM hub_write_batch({numbers})"
         )
-        self.write = f"SELECT tag, key, number, channel FROM hub_write_batch({arguments})"
         # Agent id: primary key of the agents found active, used by the writer thread only.
         self._known: dict[str, int] = {}
 
@@ -362,10 +366,44 @@ class _PostgresStatements(_Statements):
         client-id lookup afresh on every execution (a custom plan each, pg_prepared_statements),
         whose generic plans are the same index scans."""
         if raw.prepare_threshold is None:
-            raw.prepare_threshold = self.prepare_threshold
             raw.execute("SET plan_cache_mode = force_generic_plan")
+            raw.execute(self.prepare_write)
             pg_arrays.register(raw)
+            raw.prepare_threshold = self.prepare_threshold
         return _BatchCursor(raw)
+
+    def call(self, cursor, arguments: list[bytes | None]) -> list[tuple]:
+        """Run the batch's call, its arguments already in PostgreSQL's binary formats; return
+        its rows.
+
+        Through psycopg's cursor, the call cost more of the writer's time than everything else
+        in a small batch: for one send and one ack, its parameters' conversion (a dumper looked
+        up and called for each of 32) and the prepared-statement and result bookkeeping around
+        it. Here it is libpq's send of a statement prepared under a name of ours, and psycopg's
+        own wait for the results; errors are psycopg's, as from a cursor. In a transaction of
+        the caller's that nothing has begun yet (Django's atomic begins it with the first
+        statement), psycopg's own step begins it first, as before any statement of a cursor's."""
+        connection = cursor.connection
+        pgconn = connection.pgconn
+        with connection.lock:
+            connection.wait(connection._start_query())
+            pgconn.send_query_prepared(_WRITE_NAME, arguments, param_formats=_BINARY)
+            results = connection.wait(generators.execute(pgconn))
+        rows = []
+        for result in results:
+            if result.status != pq.ExecStatus.TUPLES_OK:
+                raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
+            for row in range(result.ntuples):
+                tag, key, number, channel = (result.get_value(row, column) for column in range(4))
+                rows.append(
+                    (
+                        tag.decode(),
+                        int(key),
+                        None if number is None else int(number),
+                        None if channel is None else channel.decode(),
+                    )
+                )
+        return rows
 
     def query(self, cursor, statement: str, params):
         own = psycopg.Cursor(cursor.connection)
@@ -416,8 +454,7 @@ class _PostgresStatements(_Statements):
         yield
         cursor.writes = None
         if writes.any():
-            _commit(cursor, self.write, writes.arguments(self.keyed_rows))
-            writes.rows = cursor.fetchall()
+            writes.rows = _commit(cursor, self.call, writes.arguments(self.keyed_rows))
 
     def insert_messages(self, cursor, rows, created_at) -> None:
         cursor.writes.messages, cursor.writes.created = rows, created_at
@@ -452,8 +489,11 @@ class _PostgresStatements(_Statements):
         cursor.writes.touched = (connection_ids, agent_ids)
 
 
-# hub_write_batch's arguments (messaging migration 0004): the time of the acks, marks and
-# touches, the messages' creation time, then arrays.
+# The name the batch's call is prepared under, and its arguments (hub_write_batch, messaging
+# migration 0004): the time of the acks, marks and touches, the messages' creation time, then
+# arrays; all in PostgreSQL's binary formats.
+_WRITE = "hub_write_batch_call"
+_WRITE_NAME = _WRITE.encode()
 _WRITE_ARGUMENTS = (
     "timestamptz", "timestamptz",
     # remembered recipients to check: names, keys
@@ -475,6 +515,7 @@ _WRITE_ARGUMENTS = (
     # touched connections, agents
     "bigint[]", "bigint[]",
 )  # fmt: skip
+_BINARY = [pq.Format.BINARY] * len(_WRITE_ARGUMENTS)
 
 
 class _BatchCursor(psycopg.Cursor):
@@ -511,7 +552,10 @@ class _Writes:
         self.answers += 1
         return self.answers - 1
 
-    def arguments(self, keyed_rows: int) -> tuple:
+    def arguments(self, keyed_rows: int) -> list[bytes | None]:
+        """hub_write_batch's arguments in PostgreSQL's binary formats. An empty array goes as
+        NULL, which the function reads as empty: nothing to write or for the server to read
+        (most of a small batch's 32 arguments)."""
         boxes = sorted(self.counts)
         # The acks nobody waits to hear about (count index -1) and the marks: keyed where few.
         keyed_acks, joined_acks = self.acks, self.silent_acks
@@ -520,31 +564,22 @@ class _Writes:
         keyed_marks, joined_marks = (
             (self.marks, []) if len(self.marks) <= keyed_rows else ([], self.marks)
         )
-        arguments = (
-            self.moment,
-            self.created,
-            Texts(list(self.checks)),
-            Bigints(list(self.checks.values())),
-            *_columns(
+        return [
+            pg_arrays.timestamp(self.moment),
+            pg_arrays.timestamp(self.created),
+            *_binary_columns(list(self.checks.items()), Texts, Bigints),
+            *_binary_columns(
                 self.messages, Uuids, Bigints, Texts, Texts, Texts, Texts, Integers, Timestamps
             ),
-            Bigints(boxes),
-            Bigints([self.counts[each] for each in boxes]),
-            *_columns(self.deliveries, Uuids, Bigints, Bigints, Timestamps),
-            *_columns(keyed_acks, Integers, Bigints, Bigints),
-            *_columns(joined_acks, Bigints, Bigints),
-            *_columns(self.id_acks, Integers, Bigints, Uuids),
-            *_columns(keyed_marks, Bigints, Bigints),
-            *_columns(joined_marks, Bigints, Bigints),
-            Bigints(self.touched[0]),
-            Bigints(self.touched[1]),
-        )
-        # An empty array goes as NULL, which the function reads as empty: nothing to dump or
-        # for the server to parse (most of a small batch's 31 arguments).
-        return tuple(
-            None if isinstance(each, pg_arrays.Array) and not each.values else each
-            for each in arguments
-        )
+            *_binary_columns([(box, self.counts[box]) for box in boxes], Bigints, Bigints),
+            *_binary_columns(self.deliveries, Uuids, Bigints, Bigints, Timestamps),
+            *_binary_columns(keyed_acks, Integers, Bigints, Bigints),
+            *_binary_columns(joined_acks, Bigints, Bigints),
+            *_binary_columns(self.id_acks, Integers, Bigints, Uuids),
+            *_binary_columns(keyed_marks, Bigints, Bigints),
+            *_binary_columns(joined_marks, Bigints, Bigints),
+            *(_binary(Bigints, ids) for ids in self.touched),
+        ]
 
     def last_seqs(self) -> dict[int, int]:
         return {key: number for tag, key, number, _ in self.rows if tag == "s"}
@@ -575,6 +610,22 @@ class _Settled:
 
     def close(self) -> None:
         pass
+
+
+def _binary_columns(rows, *types) -> list[bytes | None]:
+    """Rows as columns of these array types, each in PostgreSQL's binary format (None where
+    there are no rows)."""
+    if not rows:
+        return [None] * len(types)
+    return [
+        _binary(array_type, column)
+        for array_type, column in zip(types, zip(*rows, strict=True), strict=True)
+    ]
+
+
+def _binary(array_type: type[pg_arrays.Array], values) -> bytes | None:
+    """`values` as an array in PostgreSQL's binary format; None (NULL) for no values."""
+    return array_type.binary(values) if values else None
 
 
 def _columns(rows, *types) -> list[pg_arrays.Array]:
@@ -632,13 +683,13 @@ def _transaction(db, cursor, sql: _Statements):
         yield
 
 
-def _commit(cursor, statement: str = "COMMIT", params=None) -> None:
-    """Commit a batch: COMMIT, or on PostgreSQL the statement of its gathered writes, a
-    transaction of its own (or part of a caller's)."""
-    if params is None:
-        cursor.execute(statement)
-    else:
-        cursor.execute(statement, params, prepare=True)
+def _commit(cursor, call=None, arguments=None) -> list[tuple]:
+    """Commit a batch: COMMIT, or on PostgreSQL the call of its gathered writes (`call`), a
+    transaction of its own (or part of a caller's), whose rows it returns."""
+    if call is None:
+        cursor.execute("COMMIT")
+        return []
+    return call(cursor, arguments)
 
 
 @contextmanager

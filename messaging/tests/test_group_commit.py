@@ -89,13 +89,20 @@ def test_a_recipient_disabled_or_replaced_since_an_earlier_batch_is_looked_up_af
 def test_a_batch_to_recipients_found_before_is_one_statement(alice, bob, monkeypatch):
     statements = []
     execute = psycopg.Cursor.execute
+    sql = batch._statements("postgresql")
+    call = sql.call
 
-    def counted(cursor, query, *args, **kwargs):
+    def executed(cursor, query, *args, **kwargs):
         statements.append(query)
         return execute(cursor, query, *args, **kwargs)
 
+    def called(cursor, arguments):
+        statements.append("hub_write_batch")
+        return call(cursor, arguments)
+
     batch.write_batch([], [], {})  # the connection's set-up
-    monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+    monkeypatch.setattr(psycopg.Cursor, "execute", executed)
+    monkeypatch.setattr(sql, "call", called)
     batch.write_batch([outgoing(alice, "bob", 1)], [], {})
     assert len(statements) == 2  # the lookup, then the writes
     statements.clear()
@@ -108,9 +115,22 @@ def test_a_batch_to_recipients_found_before_is_one_statement(alice, bob, monkeyp
         {bob.agent.pk: [2]},
         {},
     )
-    assert len(statements) == 1
+    assert statements == ["hub_write_batch"]
     assert result.acks == [1]
     assert inbox(bob) == [(1, 1, "acked"), (2, 2, "delivered"), (3, 3, "queued")]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the call of PostgreSQL's batch")
+def test_a_batch_call_that_begins_a_callers_transaction_is_rolled_back_with_it(alice, bob):
+    batch.write_batch([outgoing(alice, "bob", 1)], [], {})
+    sql = batch._statements("postgresql")
+    with transaction.atomic():
+        # The call is the transaction's first statement.
+        with batch._driver_cursor(connection, sql) as cursor, sql.gathering(cursor):
+            sql.ack_silently(cursor, timezone.now(), [(bob.agent.pk, 1)])
+        assert inbox(bob) == [(1, 1, "acked")]
+        transaction.set_rollback(True)
+    assert inbox(bob) == [(1, 1, "queued")]
 
 
 def test_a_client_id_repeated_in_a_batch_or_after_it_is_stored_once(alice, bob):

@@ -63,3 +63,24 @@ def test_postgresql_reads_back_the_values_of_each_array(array, sql_type):
         pg_arrays.register(cursor)  # a cursor has adapters of its own
         (read,) = cursor.execute(f"SELECT %b::{sql_type}", (array,)).fetchone()
     assert read == array.values
+
+
+@pytest.mark.django_db
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's binary timestamps")
+@pytest.mark.parametrize(
+    "moment",
+    [NOW, datetime(1990, 5, 1, 12, 0, 0, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC)],
+    ids=["now", "before-2000", "epoch"],
+)
+def test_postgresql_reads_a_timestamp_as_the_moment_it_was(moment):
+    connection.ensure_connection()
+    result = connection.connection.pgconn.exec_params(
+        b"SELECT $1::timestamptz = $2::timestamptz",
+        [pg_arrays.timestamp(moment), moment.isoformat().encode()],
+        param_formats=[1, 0],
+    )
+    assert result.get_value(0, 0) == b"t"
+
+
+def test_no_moment_is_null():
+    assert pg_arrays.timestamp(None) is None
