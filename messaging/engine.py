@@ -76,6 +76,8 @@ class Engine:
         self._configured = None
         # When the writer's connection is next checked (monotonic seconds).
         self._check_due = 0.0
+        # Batches whose frames for their own senders wait to be routed (`_answer`).
+        self._routes_waiting = 0
         self._remote: deque[tuple[int, list[dict]]] = deque()
         self._remote_task: asyncio.Task | None = None
         self.batches_written = 0
@@ -325,6 +327,18 @@ class Engine:
                 if future is not None and not future.done():
                     future.set_exception(outcome)
             return
+        # Recipients that sent nothing in this batch get their frames first, before the senders
+        # hear `accepted`, unless an earlier batch's frames still wait to be routed (each
+        # recipient's frames go in commit order).
+        senders = {outgoing.sender.pk for outgoing, _ in sends}
+        first, after = outcome.frames, {}
+        if self._routes_waiting:
+            first, after = {}, outcome.frames
+        elif not senders.isdisjoint(outcome.frames):
+            first = {key: frames for key, frames in outcome.frames.items() if key not in senders}
+            after = {key: frames for key, frames in outcome.frames.items() if key in senders}
+        if first:
+            self._route(first, outcome.channels)
         for (_, future), result in zip(sends, outcome.sends, strict=True):
             if future.done():
                 continue  # the socket went away while waiting
@@ -337,7 +351,13 @@ class Engine:
                 future.set_result(count)
         # After the callbacks those results scheduled: a socket that sent to itself reads its
         # `accepted` before the message, whether it answers from a callback or a task.
-        self._loop().call_soon(self._route, outcome.frames, outcome.channels)
+        if after:
+            self._routes_waiting += 1
+            self._loop().call_soon(self._route_after, after, outcome.channels)
+
+    def _route_after(self, frames: dict[int, list[dict]], channels: dict[int, list[str]]) -> None:
+        self._routes_waiting -= 1
+        self._route(frames, channels)
 
     def _route(self, frames: dict[int, list[dict]], channels: dict[int, list[str]]) -> None:
         """Hand frames to local sockets; nudge the recipient's group if it has sockets elsewhere."""
