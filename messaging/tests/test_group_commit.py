@@ -93,7 +93,8 @@ def test_a_batch_to_recipients_found_before_is_one_statement(alice, bob, monkeyp
     call = sql.call
 
     def executed(cursor, query, *args, **kwargs):
-        statements.append(query)
+        if query in (sql.active_agents_any, sql.stored_client_ids_any):  # not the ORM's
+            statements.append(query)
         return execute(cursor, query, *args, **kwargs)
 
     def called(cursor, arguments):
