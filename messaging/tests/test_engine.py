@@ -50,8 +50,8 @@ class _Socket:
 
 
 def _answered_batch(written, batches):
-    """Answer batches of (sender pk, recipient pk) sends from the writer as `Engine._answer`
-    does; what the sockets of agents 1-3 were handed, in order."""
+    """Answer batches of (sender pk, recipient pk, ...) sends from the writer as
+    `Engine._answer` does; what the sockets of agents 1-3 were handed, in order."""
 
     async def answer():
         hub = engine()
@@ -59,7 +59,7 @@ def _answered_batch(written, batches):
             hub.attach(_Socket(f"agent-{pk}", written))
         for number, pairs in enumerate(batches):
             sends = []
-            for sender, _ in pairs:
+            for sender, *_ in pairs:
                 future = asyncio.get_running_loop().create_future()
                 future.add_done_callback(
                     lambda _, sender=sender: written.append(f"agent-{sender} accepted")
@@ -68,8 +68,9 @@ def _answered_batch(written, batches):
                     (batch.Outgoing(sender=Agent(pk=sender), kind="direct", payload=0), future)
                 )
             frames = {}
-            for _, recipient in pairs:
-                frames.setdefault(recipient, []).append({"seq": number})
+            for _, *recipients in pairs:
+                for recipient in recipients:
+                    frames.setdefault(recipient, []).append({"seq": number})
             channels = {pk: [f"agent-{pk}"] for pk in frames}
             outcome = batch.BatchResult([object()] * len(pairs), [], frames, channels)
             hub._answer(sends, [], outcome)
@@ -99,4 +100,13 @@ def test_a_recipients_frames_keep_commit_order_behind_a_batch_still_routing():
         "agent-2 gets 0",
         "agent-1 accepted",
         "agent-2 gets 1",
+    ]
+
+
+def test_a_batch_that_fans_out_answers_its_senders_first():
+    # One send to two recipients: its sender, whose next sends may wait for `accepted`, first.
+    assert _answered_batch([], [[(1, 2, 3)]]) == [
+        "agent-1 accepted",
+        "agent-2 gets 0",
+        "agent-3 gets 0",
     ]
