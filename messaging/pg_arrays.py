@@ -108,7 +108,7 @@ class Timestamps(_FixedSize):
 
     @classmethod
     def encode_all(cls, values) -> list:
-        return [(value - _PG_EPOCH) // _MICROSECOND for value in values]
+        return [_microseconds(value) for value in values]
 
 
 class Uuids(_FixedSize):
@@ -131,7 +131,12 @@ class Texts(Array):
 
 def timestamp(value: datetime | None) -> bytes | None:
     """An aware datetime in PostgreSQL's binary format of timestamptz (None: NULL)."""
-    return None if value is None else _TIMESTAMP.pack((value - _PG_EPOCH) // _MICROSECOND)
+    return None if value is None else _TIMESTAMP.pack(_microseconds(value))
+
+
+def _microseconds(value: datetime) -> int:
+    """An aware datetime as PostgreSQL stores a timestamptz: microseconds since 2000."""
+    return (value - _PG_EPOCH) // _MICROSECOND
 
 
 class _ArrayDumper(Dumper):
