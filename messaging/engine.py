@@ -333,13 +333,14 @@ class Engine:
         # it has sends: a broadcaster's next sends wait for its `accepted` (fan-out on
         # PostgreSQL, hub only: broadcast 15,200-16,531 -> 12,800-13,112 delivered/s with the
         # recipients first).
-        senders = {outgoing.sender.pk for outgoing, _ in sends}
         first, after = outcome.frames, {}
         if self._routes_waiting or len(outcome.frames) > len(sends):
             first, after = {}, outcome.frames
-        elif not senders.isdisjoint(outcome.frames):
-            first = {key: frames for key, frames in outcome.frames.items() if key not in senders}
-            after = {key: frames for key, frames in outcome.frames.items() if key in senders}
+        else:
+            senders = {outgoing.sender.pk for outgoing, _ in sends}
+            if not senders.isdisjoint(first):
+                first = {key: frames for key, frames in first.items() if key not in senders}
+                after = {key: frames for key, frames in outcome.frames.items() if key in senders}
         if first:
             self._route(first, outcome.channels)
         for (_, future), result in zip(sends, outcome.sends, strict=True):
