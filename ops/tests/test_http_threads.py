@@ -4,6 +4,7 @@ import asyncio
 import threading
 
 import pytest
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from asgiref.testing import ApplicationCommunicator
 from django.db import connections
 from django.db.backends.signals import connection_created
@@ -121,6 +122,45 @@ async def test_each_request_runs_its_synchronous_work_on_one_pool_thread(handler
     assert status == 200
     names = {thread.name for thread in threading.enumerate()}
     assert any(name.startswith("http-") for name in names)
+
+
+class ThreadProbe:
+    """Records the thread each request passes it on; async-capable, as most middleware is."""
+
+    sync_capable = True
+    async_capable = True
+    seen: list[str] = []
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+            self.__call__ = self.__acall__
+
+    def __call__(self, request):
+        self.seen.append(threading.current_thread().name)
+        return self.get_response(request)
+
+    async def __acall__(self, request):
+        self.seen.append(threading.current_thread().name)
+        return await self.get_response(request)
+
+
+async def test_the_middleware_and_the_view_run_together_on_the_requests_thread(settings):
+    # Django keeps async-capable middleware on the event loop when the handler is async; a
+    # synchronous one among them (WhiteNoise) sent every request from the loop to a thread, back
+    # to the loop, and to the thread again for the view.
+    probe = f"{ThreadProbe.__module__}.{ThreadProbe.__qualname__}"
+    settings.MIDDLEWARE = [probe, *settings.MIDDLEWARE, probe]
+    ThreadProbe.seen = []
+    application = PooledASGIHandler(threads=1)
+    try:
+        status, _ = await get(application, "/healthz")
+    finally:
+        application.threads.shutdown()
+    assert status == 200
+    assert len(ThreadProbe.seen) == 2
+    assert all(name.startswith("http-0") for name in ThreadProbe.seen), ThreadProbe.seen
 
 
 def test_it_refuses_a_pool_without_threads():
