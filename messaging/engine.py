@@ -63,7 +63,6 @@ class _InFlight:
     taken: tuple
     steps: object  # batch.batch_steps, waiting for its call's rows; None once finished
     outcome: object = None
-    calls: object = None  # the batch.PipelinedCalls it was sent on
 
 
 class Engine:
@@ -90,9 +89,8 @@ class Engine:
         self._configured = None
         # When the writer's connection is next checked (monotonic seconds).
         self._check_due = 0.0
-        # PostgreSQL: the writer thread's connection for its batch calls (`_write_pipelined`),
-        # its own: a writer that lingered out may still be closing its own as the next starts.
-        self._thread_calls = threading.local()
+        # PostgreSQL: the writer's connection for its batch calls (`_write_pipelined`).
+        self._calls: batch.PipelinedCalls | None = None
         # Batches whose frames for their own senders wait to be routed (`_answer`).
         self._routes_waiting = 0
         self._remote: deque[tuple[int, list[dict]]] = deque()
@@ -251,7 +249,9 @@ class Engine:
                 while batches := self._take():
                     self._write(*batches)
         finally:
-            self._close_calls()
+            if self._calls is not None:
+                self._calls.close()
+                self._calls = None
             if checkpointer is not None:
                 checkpointer.stop()
             with self._lock:
@@ -292,8 +292,6 @@ class Engine:
                 elif not self._queued.wait(WRITER_LINGER) and not self._queued_work():
                     break
             if not self._queued_work():
-                if not wait:  # a deadline passed whose work an ack dropped: nothing to take
-                    return None
                 self._thread = None
                 return None
             sends = self._sends[:MAX_BATCH_SENDS]
@@ -373,19 +371,15 @@ class Engine:
             self._check_due = 0.0
             return _InFlight(taken, None, exc)
         try:
-            calls = self._calls
-            if calls is not None and not calls.unread and self._calls_expired(calls):
+            if self._calls is not None and not self._calls.unread and self._calls_expired():
                 self._close_calls()
-                calls = None
-            if calls is None:
-                calls = self._thread_calls.calls = batch.PipelinedCalls(
-                    connections[DEFAULT_DB_ALIAS]
-                )
-            calls.send(arguments)
+            if self._calls is None:
+                self._calls = batch.PipelinedCalls(connections[DEFAULT_DB_ALIAS])
+            self._calls.send(arguments)
         except Exception as exc:
             self._close_calls()
             return _InFlight(taken, None, self._finish(steps, exc))
-        return _InFlight(taken, steps, None, calls)
+        return _InFlight(taken, steps, None)
 
     def _receive(self, entry: "_InFlight") -> bool:
         """Read, finish and answer a batch sent before; whether its call succeeded."""
@@ -393,14 +387,14 @@ class Engine:
             self._hand_over(entry.taken, entry.outcome)
             return True
         try:
-            rows = entry.calls.receive()
+            rows = self._calls.receive()
         except Exception as exc:
             if getattr(exc, "sqlstate", None) == batch.BEFORE_NOT_WRITTEN:
                 entry.steps.close()
                 self._write(*entry.taken)
                 return False
             self._check_due = 0.0
-            if isinstance(exc, psycopg.OperationalError) and entry.calls is self._calls:
+            if isinstance(exc, psycopg.OperationalError):
                 self._close_calls()
             self._hand_over(entry.taken, self._finish(entry.steps, exc))
             return False
@@ -415,20 +409,14 @@ class Engine:
         self.batches_written += 1
         return result
 
-    @property
-    def _calls(self) -> batch.PipelinedCalls | None:
-        return getattr(self._thread_calls, "calls", None)
-
-    @staticmethod
-    def _calls_expired(calls: batch.PipelinedCalls) -> bool:
+    def _calls_expired(self) -> bool:
         max_age = connections[DEFAULT_DB_ALIAS].settings_dict["CONN_MAX_AGE"]
-        return max_age is not None and time.monotonic() - calls.opened_at >= max_age
+        return max_age is not None and time.monotonic() - self._calls.opened_at >= max_age
 
     def _close_calls(self) -> None:
-        """Close this thread's connection for batch calls; calls sent on it and not read fail."""
-        if (calls := self._calls) is not None:
-            calls.close()
-            self._thread_calls.calls = None
+        if self._calls is not None:
+            self._calls.close()
+            self._calls = None
 
     def _own_checkpoints(self) -> None:
         """On SQLite, leave checkpoints to the checkpointer thread and give the writer's

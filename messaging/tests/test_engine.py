@@ -110,22 +110,3 @@ def test_a_batch_that_fans_out_answers_its_senders_first():
         "agent-2 gets 0",
         "agent-3 gets 0",
     ]
-
-
-def test_a_writer_that_looks_for_more_work_while_a_batch_runs_stays_the_writer():
-    # The delivered marks an ack dropped leave their deadline behind: due, with nothing to take.
-    # Looking without waiting, the writer must not give up its place, or the next frame would
-    # start a second writer beside it (two connections writing at once, deadlocking).
-    async def look():
-        hub = engine()
-        hub._thread = threading.current_thread()
-        hub.mark_delivered(1, [1])
-        hub.ack_quietly(batch.Ack(1, up_to_seq=1, answer=False))
-        hub._acks_due = hub._records_due = 0.0
-        with hub._lock:
-            hub._quiet_acks.clear()
-        assert hub._take(wait=False) is None
-        assert hub._thread is threading.current_thread()
-        hub._thread = None
-
-    asyncio.run(look())
