@@ -13,15 +13,12 @@ the error marks it to be replaced before the next batch.
 
 import contextvars
 import json
-import struct
-import time
 import uuid
-from collections import deque
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import cache, partial
-from itertools import count, groupby
+from itertools import groupby
 from operator import itemgetter
 
 import orjson
@@ -242,11 +239,6 @@ class _Statements:
         inside a transaction of the caller's."""
         return nullcontext()
 
-    def take_call(self, cursor) -> None:
-        """The arguments of a call of the gathered writes (PostgreSQL): here every write has
-        been made already."""
-        return None
-
     @contextmanager
     def transaction(self, cursor):
         """The batch's transaction, rolled back on any error."""
@@ -397,7 +389,21 @@ class _PostgresStatements(_Statements):
             connection.wait(connection._start_query())
             pgconn.send_query_prepared(_WRITE_NAME, arguments, param_formats=_BINARY)
             results = connection.wait(generators.execute(pgconn))
-        return _call_rows(connection, results)
+        rows = []
+        for result in results:
+            if result.status != pq.ExecStatus.TUPLES_OK:
+                raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
+            for row in range(result.ntuples):
+                tag, key, number, channel = (result.get_value(row, column) for column in range(4))
+                rows.append(
+                    (
+                        tag.decode(),
+                        int(key),
+                        None if number is None else int(number),
+                        None if channel is None else channel.decode(),
+                    )
+                )
+        return rows
 
     def query(self, cursor, statement: str, params):
         own = psycopg.Cursor(cursor.connection)
@@ -447,17 +453,8 @@ class _PostgresStatements(_Statements):
         cursor.writes = writes = _Writes()
         yield
         cursor.writes = None
-        if writes.any() and not writes.called:
+        if writes.any():
             writes.rows = _commit(cursor, self.call, writes.arguments(self.keyed_rows))
-
-    def take_call(self, cursor) -> list[bytes | None] | None:
-        """The arguments of the call of the writes gathered so far, which the caller makes
-        (`batch_steps`) instead of `gathering`; None if there is nothing to write."""
-        writes = cursor.writes
-        if not writes.any():
-            return None
-        writes.called = True
-        return writes.arguments(self.keyed_rows)
 
     def insert_messages(self, cursor, rows, created_at) -> None:
         cursor.writes.messages, cursor.writes.created = rows, created_at
@@ -493,8 +490,8 @@ class _PostgresStatements(_Statements):
 
 
 # The name the batch's call is prepared under, and its arguments (hub_write_batch, messaging
-# migrations 0004 and 0005): the time of the acks, marks and touches, the messages' creation
-# time, arrays, two batch numbers; all in PostgreSQL's binary formats.
+# migration 0004): the time of the acks, marks and touches, the messages' creation time, then
+# arrays; all in PostgreSQL's binary formats.
 _WRITE = "hub_write_batch_call"
 _WRITE_NAME = _WRITE.encode()
 _WRITE_ARGUMENTS = (
@@ -517,9 +514,6 @@ _WRITE_ARGUMENTS = (
     "bigint[]", "bigint[]", "bigint[]", "bigint[]",
     # touched connections, agents
     "bigint[]", "bigint[]",
-    # the batch that must have been written before this one on its connection, this batch
-    # (messaging/engine.py sends batches while the one before runs; NULL: no such order)
-    "bigint", "bigint",
 )  # fmt: skip
 _BINARY = [pq.Format.BINARY] * len(_WRITE_ARGUMENTS)
 
@@ -545,8 +539,6 @@ class _Writes:
         self.marks: list[tuple] = []
         self.touched: tuple[list, list] = ([], [])
         self.rows: list[tuple] = []
-        # Whether the call is made by `batch_steps`' caller rather than by `gathering`.
-        self.called = False
         self._settled: dict[int, int] | None = None
 
     def any(self) -> bool:
@@ -587,8 +579,6 @@ class _Writes:
             *_binary_columns(keyed_marks, Bigints, Bigints),
             *_binary_columns(joined_marks, Bigints, Bigints),
             *(_binary(Bigints, ids) for ids in self.touched),
-            None,
-            None,
         ]
 
     def last_seqs(self) -> dict[int, int]:
@@ -605,80 +595,6 @@ class _Writes:
                 if tag == "a":  # an ack by message ids has a row per id
                     self._settled[key] = self._settled.get(key, 0) + number
         return self._settled
-
-
-def _call_rows(connection, results) -> list[tuple]:
-    """The rows of a call of hub_write_batch, decoded from its results; its error raised."""
-    rows = []
-    for result in results:
-        if result.status != pq.ExecStatus.TUPLES_OK:
-            raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
-        for row in range(result.ntuples):
-            tag, key, number, channel = (result.get_value(row, column) for column in range(4))
-            rows.append(
-                (
-                    tag.decode(),
-                    int(key),
-                    None if number is None else int(number),
-                    None if channel is None else channel.decode(),
-                )
-            )
-    return rows
-
-
-# The SQLSTATE of a call whose predecessor on its connection was not written (migration 0005).
-BEFORE_NOT_WRITTEN = "HB001"
-_INT8 = struct.Struct("!q")
-
-
-class PipelinedCalls:
-    """A connection of its own for the writer's batch calls, in libpq's pipeline mode: a call
-    goes out while the one before it still runs, and PostgreSQL starts it as soon as that one
-    has committed, instead of after its rows have come back and the writer has answered it and
-    gathered the next (messaging/engine.py).
-
-    Each call names the call before it, if that one's rows are not read yet; PostgreSQL refuses
-    it (SQLSTATE BEFORE_NOT_WRITTEN) unless that call was written, so a batch never commits
-    ahead of an earlier one that failed and is stored again one send at a time."""
-
-    def __init__(self, db):
-        self._connection = raw = db.get_new_connection(db.get_connection_params())
-        raw.autocommit = True
-        sql = _statements("postgresql")
-        raw.execute("SET plan_cache_mode = force_generic_plan")
-        raw.execute(sql.prepare_write)
-        raw.pgconn.enter_pipeline_mode()
-        self.opened_at = time.monotonic()
-        self._numbers = count(1)
-        self._unread: deque[int] = deque()
-
-    def send(self, arguments: list[bytes | None]) -> None:
-        """Send a call; its rows are read, in order, by `receive`."""
-        number = next(self._numbers)
-        before = self._unread[-1] if self._unread else None
-        arguments[-2:] = [None if before is None else _INT8.pack(before), _INT8.pack(number)]
-        connection = self._connection
-        pgconn = connection.pgconn
-        pgconn.send_query_prepared(_WRITE_NAME, arguments, param_formats=_BINARY)
-        pgconn.pipeline_sync()
-        self._unread.append(number)
-        connection.wait(generators.send(pgconn))
-
-    def receive(self) -> list[tuple]:
-        """The rows of the oldest call not read yet; its error raised, psycopg's."""
-        self._unread.popleft()
-        connection = self._connection
-        results = connection.wait(generators.fetch_many(connection.pgconn))
-        connection.wait(generators.fetch_many(connection.pgconn))  # its sync
-        return _call_rows(connection, results)
-
-    @property
-    def unread(self) -> int:
-        return len(self._unread)
-
-    def close(self) -> None:
-        with suppress(Exception):
-            self._connection.close()
 
 
 @dataclass
@@ -999,40 +915,6 @@ def write_batch(
     constraint race with another process (one client id sent through two servers at once) falls
     back to storing the sends one by one.
     """
-    steps = batch_steps(sends, acks, marks, touches)
-    try:
-        cursor, arguments = next(steps)
-    except StopIteration as done:
-        return done.value
-    try:
-        rows = _commit(cursor, _statements("postgresql").call, arguments)
-    except Exception as exc:
-        return finish_steps(steps, exc)
-    return finish_steps(steps, rows)
-
-
-def finish_steps(steps, outcome: list[tuple] | Exception) -> BatchResult:
-    """Give `batch_steps` the rows of its call, or the error the call raised; its result."""
-    try:
-        if isinstance(outcome, Exception):
-            steps.throw(outcome)
-        else:
-            steps.send(outcome)
-    except StopIteration as done:
-        return done.value
-    raise RuntimeError("a batch asked for a second call")
-
-
-def batch_steps(
-    sends: list[Outgoing],
-    acks: list[Ack],
-    marks: dict[int, list[int]],
-    touches: dict[int, int] | None = None,
-):
-    """`write_batch` as a generator. On PostgreSQL (no SQLite), it yields once, (cursor, the
-    arguments of the batch's call), for its caller to make the call, and takes the call's rows
-    (`send`) or error (`throw`); it returns the BatchResult. The caller may gather and send
-    another batch meanwhile (messaging/engine.py)."""
     # Django's `connection` is a proxy that looks the thread's connection up on every use
     # (about 4 µs each here); the batch looks it up once.
     db = connections[DEFAULT_DB_ALIAS]
@@ -1054,8 +936,6 @@ def batch_steps(
                     _mark_delivered(cursor, sql, marks, now)
                 if touches:
                     _touch(cursor, sql, touches, now)
-                if (arguments := sql.take_call(cursor)) is not None:
-                    cursor.writes.rows = yield cursor, arguments
         except IntegrityError:
             # A remembered recipient no longer active, or a client id another server stored
             # meanwhile: each send on its own, its recipient looked up afresh.

@@ -22,9 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
 
-import psycopg
 from channels.layers import get_channel_layer
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections
 
@@ -49,20 +47,9 @@ RECORD_DELAY = 0.05
 # so that an agent that acks and reconnects at once finds it settled; a closing socket's, and
 # everything queued when a session opens on this process, go at once.
 ACK_DELAY = 0.004
-# PostgreSQL: batches sent and not yet read at most (the one running and the next).
-MAX_IN_FLIGHT = 2
 # Seconds between checks that the writer's connection is still usable and young enough while
 # batches succeed (each check cost about 25 µs a batch); after a failed batch the next one checks.
 CONNECTION_CHECK_INTERVAL = 1.0
-
-
-@dataclass
-class _InFlight:
-    """A batch sent to PostgreSQL, or finished without a call; answered in the order taken."""
-
-    taken: tuple
-    steps: object  # batch.batch_steps, waiting for its call's rows; None once finished
-    outcome: object = None
 
 
 class Engine:
@@ -89,8 +76,6 @@ class Engine:
         self._configured = None
         # When the writer's connection is next checked (monotonic seconds).
         self._check_due = 0.0
-        # PostgreSQL: the writer's connection for its batch calls (`_write_pipelined`).
-        self._calls: batch.PipelinedCalls | None = None
         # Batches whose frames for their own senders wait to be routed (`_answer`).
         self._routes_waiting = 0
         self._remote: deque[tuple[int, list[dict]]] = deque()
@@ -243,15 +228,9 @@ class Engine:
         if connection.vendor == "sqlite" and wal.is_file(connection.settings_dict["NAME"]):
             checkpointer = wal.Checkpointer(connection.settings_dict["NAME"]).start()
         try:
-            if connection.vendor == "postgresql":
-                self._write_pipelined()
-            else:
-                while batches := self._take():
-                    self._write(*batches)
+            while batches := self._take():
+                self._write(*batches)
         finally:
-            if self._calls is not None:
-                self._calls.close()
-                self._calls = None
             if checkpointer is not None:
                 checkpointer.stop()
             with self._lock:
@@ -280,12 +259,9 @@ class Engine:
             self._records_due is not None and time.monotonic() >= self._records_due
         )
 
-    def _take(self, wait: bool = True):
-        """The next batch; None once nothing came for WRITER_LINGER seconds (or on close), or
-        without `wait`, None at once if nothing is due."""
+    def _take(self):
+        """The next batch; None once nothing came for WRITER_LINGER seconds (or on close)."""
         with self._lock:
-            if not wait and not self._due():
-                return None
             while not self._due():
                 if (next_due := self._next_due()) is not None:
                     self._queued.wait(next_due - time.monotonic())
@@ -309,7 +285,11 @@ class Engine:
 
     def _write(self, sends, acks, marks, touches, waiters) -> None:
         try:
-            self._check_connection()
+            now = time.monotonic()
+            if now >= self._check_due:
+                # A connection that failed or outlived CONN_MAX_AGE is replaced (PITFALLS P10).
+                close_old_connections()
+                self._check_due = now + CONNECTION_CHECK_INTERVAL
             self._own_checkpoints()
             outcome = batch.write_batch(
                 [outgoing for outgoing, _ in sends], [ack for ack, _ in acks], marks, touches
@@ -318,105 +298,10 @@ class Engine:
         except Exception as exc:
             outcome = exc
             self._check_due = 0.0
-        self._hand_over((sends, acks, marks, touches, waiters), outcome)
-
-    def _check_connection(self) -> None:
-        now = time.monotonic()
-        if now >= self._check_due:
-            # A connection that failed or outlived CONN_MAX_AGE is replaced (PITFALLS P10).
-            close_old_connections()
-            self._check_due = now + CONNECTION_CHECK_INTERVAL
-
-    def _hand_over(self, taken, outcome) -> None:
-        """Give the event loop a batch's outcome, for `_answer`."""
-        sends, acks, _, _, waiters = taken
         loop = self._loop()
         # A loop that is gone (closed, collected) took everyone waiting with it.
         with contextlib.suppress(AttributeError, RuntimeError):
             loop.call_soon_threadsafe(self._answer, sends, acks, outcome, waiters)
-
-    # --- PostgreSQL: a batch's call goes out while the one before it runs ---------------------
-
-    def _write_pipelined(self) -> None:
-        """Gather and send the next batch while PostgreSQL runs the one before, then read and
-        answer that one: the database goes from one commit to the next without waiting for the
-        writer's Python in between (`batch.PipelinedCalls`). With nothing queued the writer
-        waits for the call in flight, as `_write` does."""
-        in_flight: deque[_InFlight] = deque()
-        while True:
-            taken = self._take(wait=not in_flight)
-            if taken is not None:
-                in_flight.append(self._send(taken))
-            elif not in_flight:
-                return
-            if not in_flight or (taken is not None and len(in_flight) < MAX_IN_FLIGHT):
-                continue  # another batch may go out before the oldest is read
-            if not self._receive(in_flight.popleft()):
-                # A failed call: those behind it were refused (or lost with the connection);
-                # each is written again, in order, before anything new goes out.
-                while in_flight:
-                    self._receive(in_flight.popleft())
-
-    def _send(self, taken) -> "_InFlight":
-        sends, acks, marks, touches, _ = taken
-        try:
-            self._check_connection()
-            steps = batch.batch_steps(
-                [outgoing for outgoing, _ in sends], [ack for ack, _ in acks], marks, touches
-            )
-            _, arguments = next(steps)
-        except StopIteration as done:  # nothing to write
-            return _InFlight(taken, None, done.value)
-        except Exception as exc:
-            self._check_due = 0.0
-            return _InFlight(taken, None, exc)
-        try:
-            if self._calls is not None and not self._calls.unread and self._calls_expired():
-                self._close_calls()
-            if self._calls is None:
-                self._calls = batch.PipelinedCalls(connections[DEFAULT_DB_ALIAS])
-            self._calls.send(arguments)
-        except Exception as exc:
-            self._close_calls()
-            return _InFlight(taken, None, self._finish(steps, exc))
-        return _InFlight(taken, steps, None)
-
-    def _receive(self, entry: "_InFlight") -> bool:
-        """Read, finish and answer a batch sent before; whether its call succeeded."""
-        if entry.steps is None:  # no call of its own: nothing sent after it depends on it
-            self._hand_over(entry.taken, entry.outcome)
-            return True
-        try:
-            rows = self._calls.receive()
-        except Exception as exc:
-            if getattr(exc, "sqlstate", None) == batch.BEFORE_NOT_WRITTEN:
-                entry.steps.close()
-                self._write(*entry.taken)
-                return False
-            self._check_due = 0.0
-            if isinstance(exc, psycopg.OperationalError):
-                self._close_calls()
-            self._hand_over(entry.taken, self._finish(entry.steps, exc))
-            return False
-        self._hand_over(entry.taken, self._finish(entry.steps, rows))
-        return True
-
-    def _finish(self, steps, outcome):
-        try:
-            result = batch.finish_steps(steps, outcome)
-        except Exception as exc:
-            return exc
-        self.batches_written += 1
-        return result
-
-    def _calls_expired(self) -> bool:
-        max_age = connections[DEFAULT_DB_ALIAS].settings_dict["CONN_MAX_AGE"]
-        return max_age is not None and time.monotonic() - self._calls.opened_at >= max_age
-
-    def _close_calls(self) -> None:
-        if self._calls is not None:
-            self._calls.close()
-            self._calls = None
 
     def _own_checkpoints(self) -> None:
         """On SQLite, leave checkpoints to the checkpointer thread and give the writer's

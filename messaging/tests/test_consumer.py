@@ -338,13 +338,13 @@ async def test_a_socket_that_sends_keeps_one_agent_for_its_sends(alice, bob, mon
     from messaging import batch
 
     senders = []
-    original = batch.batch_steps
+    original = batch.write_batch
 
-    def batch_steps(sends, *args, **kwargs):
+    def write_batch(sends, *args, **kwargs):
         senders.extend(send.sender for send in sends)
         return original(sends, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "batch_steps", batch_steps)
+    monkeypatch.setattr(batch, "write_batch", write_batch)
     session, _ = await connect(alice)
     consumer = consumer_of(alice.agent.pk)
     assert consumer._sender is None  # none until the first send

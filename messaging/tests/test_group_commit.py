@@ -134,67 +134,6 @@ def test_a_batch_call_that_begins_a_callers_transaction_is_rolled_back_with_it(a
     assert inbox(bob) == [(1, 1, "queued")]
 
 
-def _disabled_after_a_batch(sender, recipient) -> None:
-    """The writer remembers `recipient` from a batch, then it is disabled behind its back."""
-    batch.write_batch([outgoing(sender, recipient.agent.agent_id, 0)], [], {})
-    Agent.objects.filter(pk=recipient.agent.pk).update(state=Agent.State.DISABLED)
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's pipelined calls")
-def test_a_call_sent_behind_one_that_fails_is_refused_and_writes_nothing(alice, bob, carol):
-    _disabled_after_a_batch(alice, bob)
-    failing = batch.batch_steps([outgoing(alice, "bob", 1)], [], {})
-    behind = batch.batch_steps([outgoing(alice, "carol", 2)], [], {})
-    calls = batch.PipelinedCalls(connection)
-    try:
-        calls.send(next(failing)[1])
-        calls.send(next(behind)[1])
-        with pytest.raises(psycopg.errors.ForeignKeyViolation):
-            calls.receive()  # bob is no longer active
-        with pytest.raises(psycopg.Error) as refused:
-            calls.receive()
-        assert refused.value.sqlstate == batch.BEFORE_NOT_WRITTEN
-        # Alone, the call goes through.
-        calls.send(next(batch.batch_steps([outgoing(alice, "carol", 3)], [], {}))[1])
-        assert [tag for tag, *_ in calls.receive()] == ["s"]
-    finally:
-        calls.close()
-        failing.close()
-        behind.close()
-    assert inbox(carol) == [(1, 3, "queued")]
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's pipelined calls")
-async def test_a_batch_sent_behind_a_failed_call_is_stored_after_that_batchs_sends(
-    alice, bob, carol
-):
-    await database_sync_to_async(_disabled_after_a_batch)(alice, bob)
-    writer = engine()
-    await writer.close()  # its batches are driven by hand below
-    loop = asyncio.get_running_loop()
-    first = [
-        (outgoing(alice, "bob", 1), loop.create_future()),
-        (outgoing(alice, "carol", 2), loop.create_future()),
-    ]
-    behind = [(outgoing(alice, "carol", 3), loop.create_future())]
-
-    def pipelined():
-        try:
-            sent = [writer._send((first, [], {}, {}, [])), writer._send((behind, [], {}, {}, []))]
-            assert writer._calls.unread == 2
-            assert writer._receive(sent[0]) is False  # bob: one send at a time instead
-            writer._receive(sent[1])  # refused behind it, so written again now
-        finally:
-            writer._close_calls()
-            connection.close()
-
-    await asyncio.to_thread(pipelined)
-    with pytest.raises(UnknownRecipient):
-        await first[0][1]
-    assert isinstance(await first[1][1], Accepted) and isinstance(await behind[0][1], Accepted)
-    assert await database_sync_to_async(inbox)(carol) == [(1, 2, "queued"), (2, 3, "queued")]
-
-
 def test_a_client_id_repeated_in_a_batch_or_after_it_is_stored_once(alice, bob):
     first, again = batch.write_batch(
         [outgoing(alice, "bob", "a", client_id="x"), outgoing(alice, "bob", "b", client_id="x")],
@@ -544,13 +483,13 @@ async def test_the_writer_checks_its_connection_once_a_second_and_after_a_failed
     for n in range(5):
         await writer.send(outgoing(alice, "bob", n))
     assert len(checks) == 1
-    steps = batch.batch_steps
+    failing = batch.write_batch
 
     def fail_once(*args, **kwargs):
-        monkeypatch.setattr(batch, "batch_steps", steps)
+        monkeypatch.setattr(batch, "write_batch", failing)
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(batch, "batch_steps", fail_once)
+    monkeypatch.setattr(batch, "write_batch", fail_once)
     with pytest.raises(OperationalError):
         await writer.send(outgoing(alice, "bob", "lost"))
     await writer.send(outgoing(alice, "bob", "after"))

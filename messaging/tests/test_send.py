@@ -101,12 +101,10 @@ async def test_it_never_answers_accepted_when_the_commit_fails(alice, bob):
     def failing_driver_commit(cursor, *statement):
         raise OperationalError("server closed the connection unexpectedly")
 
-    # Django's commit, and the batch writer's on the driver's cursor or, on PostgreSQL, on the
-    # connection of its pipelined calls.
+    # Django's commit, and the batch writer's on the driver's cursor.
     with (
         mock.patch.object(wrapper, "_commit", failing_commit),
         mock.patch.object(batch, "_commit", failing_driver_commit),
-        mock.patch.object(batch.PipelinedCalls, "send", failing_driver_commit),
     ):
         answer = await request(a, {"type": "send", "to": "bob", "payload": {}, "ref": "r1"}, 5)
     assert answer["type"] == "error" and answer["code"] == "unavailable", answer
