@@ -452,6 +452,8 @@ def test_purging_old_messages_keeps_those_still_deliverable(alice, bob, carol, h
     kept = set(Message.objects.values_list("pk", flat=True))
     assert kept == {waiting.message_id, recent.message_id}
     assert settled.message_id not in kept and orphaned.message_id not in kept
+    # Their deliveries went with them (the database holds no key from a delivery to its message).
+    assert set(Delivery.objects.values_list("message_id", flat=True)) <= kept
 
 
 async def test_a_session_reads_no_backlog_until_the_agent_was_sent_something(
