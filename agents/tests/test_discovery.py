@@ -3,10 +3,11 @@
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from agents import services
-from agents.models import Agent, Connection
+from agents.models import Agent, Capability, Connection
 
 URL = "/api/v1/agents/"
 
@@ -348,3 +349,25 @@ def test_status_is_derived_from_connection_and_last_sign_of_life(
         has_open_connection=has_open_connection, last_seen_at=seen, cutoff=cutoff
     )
     assert status == expected
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's planner")
+@pytest.mark.django_db
+def test_discovery_by_capability_looks_up_its_holders_by_key_among_many_agents():
+    # 10,000 agents, each capability held by 100 of them (as bench rest provisions them).
+    agents = Agent.objects.bulk_create(
+        Agent(agent_id=f"agent-{n:05d}", name=f"Agent {n}", secret_digest="-")
+        for n in range(10_000)
+    )
+    Capability.objects.bulk_create(
+        Capability(agent=agent, name=f"cap-{n % 100:03d}") for n, agent in enumerate(agents)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE agents_agent, agents_capability")
+    holders = Agent.objects.active().with_capabilities(["cap-044"])
+    page = holders.profile_values().order_by("agent_id")[:50]
+    for plan in (page.explain(), holders.order_by().values("pk").explain()):
+        # At PostgreSQL's default random_page_cost, a sequential scan of every agent.
+        assert "Seq Scan on agents_agent" not in plan, plan
+        assert "agents_agent_pkey" in plan, plan
+    assert len(page) == 50 and holders.count() == 100
