@@ -144,7 +144,8 @@ if DATABASE_URL:
     # hashed against the capability's holders, instead of looking each holder up by key: over
     # 10,000 agents 2.4-9.9 ms of the database's time for the count and again for the page,
     # against 0.5 ms (EXPLAIN ANALYZE). 1.1 is the usual value for SSDs and for tables held in
-    # memory; 0 leaves the server's own setting.
+    # memory; 0 leaves the server's own setting (and sends no `options`, which PgBouncer refuses
+    # unless told to ignore it).
     RANDOM_PAGE_COST = env_float("DATABASE_RANDOM_PAGE_COST", 1.1)
     if RANDOM_PAGE_COST:
         _options = DATABASES["default"].setdefault("OPTIONS", {})
