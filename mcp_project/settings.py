@@ -40,7 +40,9 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return _env_number(name, default, minimum, float, "a number")
 
 
-def _env_number(name, default, minimum, parse, kind):
+def _env_number(name: str, default, minimum, parse, kind: str):
+    """The environment's `name` read by `parse` (int, float), at least `minimum`; `kind` names
+    what it must be in the error."""
     raw = os.environ.get(name)
     if raw is None:
         return default
