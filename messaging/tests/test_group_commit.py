@@ -199,6 +199,72 @@ def test_acks_and_delivered_marks_are_written_with_the_batch(alice, bob, keyed_r
     assert [status for _, _, status in inbox(bob)] == ["acked"] * 5
 
 
+def test_what_a_batch_stores_reads_back_as_it_was_sent(alice, bob, carol):
+    payloads = [
+        {"text": 'quotes " and \\ backslashes', "unicode": "naïve 日本 😀", "nested": [1, [2.5]]},
+        "a string",
+        -(2**63),
+        None,
+        [True, False, {}],
+    ]
+    client_ids = ['id "1" \\ ä', "😀", None, "x" * 128, "plain"]
+    sends = [
+        outgoing(alice, "bob", payload, client_id=client_id, ttl=60 if n % 2 else None)
+        for n, (payload, client_id) in enumerate(zip(payloads, client_ids, strict=True))
+    ]
+    sends.append(outgoing(carol, "bob", "last", ttl=5))
+    before = timezone.now()
+    accepted = batch.write_batch(sends, [], {}).sends
+    for send, answer in zip(sends, accepted, strict=True):
+        message = Message.objects.get(pk=answer.message_id)
+        delivery = Delivery.objects.get(message=message)
+        assert message.payload == send.payload
+        assert (message.sender_id, message.client_id) == (send.sender.pk, send.client_id)
+        assert (message.kind, message.topic, message.recipient_count) == ("direct", "", 1)
+        assert before <= message.created_at <= timezone.now()
+        if send.ttl:
+            assert message.expires_at == message.created_at + timedelta(seconds=send.ttl)
+        else:
+            assert message.expires_at is None
+        assert delivery.expires_at == message.expires_at
+        assert (delivery.recipient_id, delivery.status, delivery.attempts) == (
+            bob.agent.pk,
+            "queued",
+            0,
+        )
+    assert [seq for seq, _, _ in inbox(bob)] == list(range(1, len(sends) + 1))
+
+
+def test_quiet_acks_of_one_recipient_in_one_batch_settle_each_delivery_once(alice, bob):
+    batch.write_batch([outgoing(alice, "bob", n) for n in range(5)], [], {})
+    quiet = [batch.Ack(bob.agent.pk, up_to_seq=seq, answer=False) for seq in (2, 4, 3)]
+    batch.write_batch([], quiet, {})
+    assert [status for _, _, status in inbox(bob)] == ["acked"] * 4 + ["queued"]
+    for acked in Delivery.objects.filter(recipient=bob.agent, status="acked"):
+        assert acked.attempts == 1 and acked.delivered_at == acked.acked_at
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's statements")
+def test_a_batch_on_sqlite_runs_as_many_statements_whatever_its_size(alice, bob, carol):
+    def statements(sends: int) -> int:
+        batch.write_batch([outgoing(alice, "bob", 0), outgoing(alice, "carol", 0)], [], {})
+        # A batch of sends to both, quiet acks of both and delivered marks of both.
+        sent = [outgoing(alice, ("bob", "carol")[n % 2], n) for n in range(sends)]
+        acks = [batch.Ack(who.agent.pk, up_to_seq=1, answer=False) for who in (bob, carol)] * sends
+        marks = {bob.agent.pk: [2], carol.agent.pk: [2]}
+        traced = []
+        connection.ensure_connection()
+        connection.connection.set_trace_callback(traced.append)
+        try:
+            batch.write_batch(sent, acks, marks)
+        finally:
+            connection.connection.set_trace_callback(None)
+        return len(traced)
+
+    # With a statement per row (executemany) these were 17 and 809.
+    assert statements(2) == statements(200)
+
+
 async def test_sends_queued_together_are_stored_in_one_transaction(alice, bob):
     writer = engine()
     futures = [writer.send(outgoing(alice, "bob", n)) for n in range(20)]
