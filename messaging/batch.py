@@ -63,6 +63,13 @@ class Ack:
     recipient_id: int
     message_ids: list | None = None
     up_to_seq: int | None = None
+    # Every delivery up to this seq is settled already, as far as the engine knows: an ack up to
+    # a seq reads only the deliveries after it (see `Engine.ack`).
+    after_seq: int = 0
+    # The highest seq the acking socket has written, which bounds what its ack can settle.
+    seen_seq: int = 0
+    # The engine's count of resets of what it knows settled, when the ack was queued.
+    epoch: int = 0
     # Whether the client wants to hear how many deliveries the ack settled.
     answer: bool = True
 
@@ -156,14 +163,15 @@ class _Statements:
         )
         self.ack_up_to = (
             f"UPDATE {self.delivery} SET {self.acked}"
-            f" WHERE recipient_id = {p} AND seq <= {p} AND {self.pending}"
+            f" WHERE recipient_id = {p} AND seq > {p} AND seq <= {p} AND {self.pending}"
         )
-        # (recipient_id, up_to_seq) rows in the second parameter. A delivery that several rows
-        # match is updated once.
+        # (recipient_id, after_seq, up_to_seq) rows in the second parameter. A delivery that
+        # several rows match is updated once.
         self.ack_rows = (
             f"UPDATE {self.delivery} SET {self.acked.replace(p, '?1')} FROM json_each(?2) AS v"
             " WHERE recipient_id = json_extract(v.value, '$[0]')"
-            f" AND seq <= json_extract(v.value, '$[1]') AND {self.pending}"
+            " AND seq > json_extract(v.value, '$[1]') AND seq <= json_extract(v.value, '$[2]')"
+            f" AND {self.pending}"
         )
         self.ack_ids = (
             f"UPDATE {self.delivery} SET {self.acked}"
@@ -281,16 +289,17 @@ class _Statements:
         cursor.execute(self.bump_mailboxes_rows, (orjson.dumps(rows),))
         return _query_in(cursor, self, self.read_mailboxes, ids)
 
-    def settle_up_to(self, cursor, now, recipient_id: int, up_to_seq: int) -> list:
-        """Ack a recipient's deliveries up to a seq; the cursors' row counts say how many."""
-        return self.query(cursor, self.ack_up_to, (now, now, recipient_id, up_to_seq))
+    def settle_up_to(self, cursor, now, recipient_id: int, after_seq: int, up_to_seq: int) -> list:
+        """Ack a recipient's deliveries after one seq up to another; the cursors' row counts
+        say how many."""
+        return self.query(cursor, self.ack_up_to, (now, now, recipient_id, after_seq, up_to_seq))
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
         """Ack a recipient's deliveries of these messages; the cursors' row counts say how many."""
         return _query_in(cursor, self, self.ack_ids, ids, before=(now, now, recipient_id))
 
     def ack_silently(self, cursor, now, rows) -> None:
-        """Apply (recipient_id, up_to_seq) acks nobody waits to hear about."""
+        """Apply (recipient_id, after_seq, up_to_seq) acks nobody waits to hear about."""
         cursor.execute(self.ack_rows, (now, orjson.dumps(rows)))
 
     def mark(self, cursor, now, rows) -> None:
@@ -323,7 +332,7 @@ class _PostgresStatements(_Statements):
     0.49-0.59 ms of its CPU instead of 1.0-1.1 ms (`write_batch` alone, 1,500 batches). One
     statement is its own transaction: nothing of it stays if any part fails.
 
-    The function acks and marks a few deliveries (`keyed_rows` or fewer) a statement each, keyed
+    The function marks a few deliveries (`keyed_rows` or fewer) a statement each, keyed
     on the recipient, and the lookups of names and client ids are a keyed subquery per value. A
     generic plan is made once, when the writer first runs a statement, often on tables still
     nearly empty: for the join of the arrays with the deliveries it was a hash join over every
@@ -331,10 +340,11 @@ class _PostgresStatements(_Statements):
     pending. After 40,000 messages an ack for five recipients read 40,005 entries (4.4 ms of the
     database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew from 1.3 to
     3.8 ms over 8,000 batches; keyed, each statement is an index scan of its recipient whatever
-    the statistics. Many rows go in one statement over arrays, the join, whose cost is spread
+    the statistics. Many marks go in one statement over arrays, the join, whose cost is spread
     over the batch. Naming the recipients to the table as well (`recipient_id = ANY(...)`) made
     the planner loop over the array inside an index scan of the recipients: one fan-out batch
-    of marks took 4.8 s.
+    of marks took 4.8 s. Acks up to a seq go a statement each, however many (messaging
+    migration 0006), each reading only the deliveries after the seq the engine knows settled.
 
     The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
     an array in Python, quoting and escaping element by element, which took 3.4 ms for the
@@ -346,7 +356,7 @@ class _PostgresStatements(_Statements):
     # Only the statements run with prepare=True are prepared; Django's cursors on the same
     # connection bind on the client and are never prepared.
     prepare_threshold = 2**31
-    # Acks or delivered marks up to this many go a statement each in the function (see above).
+    # Delivered marks up to this many go a statement each in the function (see above).
     keyed_rows = 32
     # Agents remembered (see `remembered`); past this many, the writer starts afresh.
     remember_at_most = 50_000
@@ -488,10 +498,10 @@ class _PostgresStatements(_Statements):
         writes.counts, writes.deliveries = counts, deliveries
         return writes.last_seqs, writes.sockets
 
-    def settle_up_to(self, cursor, now, recipient_id: int, up_to_seq: int) -> list:
+    def settle_up_to(self, cursor, now, recipient_id: int, after_seq: int, up_to_seq: int) -> list:
         writes = cursor.writes
         writes.moment, index = now, writes.settled()
-        writes.acks.append((index, recipient_id, up_to_seq))
+        writes.acks.append((index, recipient_id, after_seq, up_to_seq))
         return [_Settled(writes, index)]
 
     def settle_ids(self, cursor, now, recipient_id: int, ids: list) -> list:
@@ -528,10 +538,8 @@ _WRITE_ARGUMENTS = (
     "bigint[]", "bigint[]",
     # deliveries: message, recipient, seq counted back from the new last seq, expiry
     "uuid[]", "bigint[]", "bigint[]", "timestamptz[]",
-    # acks up to a seq, keyed: count index (-1: no count wanted), recipient, seq
-    "integer[]", "bigint[]", "bigint[]",
-    # acks up to a seq, joined: recipient, seq
-    "bigint[]", "bigint[]",
+    # acks up to a seq: count index (-1: no count wanted), recipient, seq settled before, seq
+    "integer[]", "bigint[]", "bigint[]", "bigint[]",
     # acks by message id: count index, recipient, message
     "integer[]", "bigint[]", "uuid[]",
     # delivered marks, keyed and joined: recipient, seq
@@ -557,7 +565,7 @@ class _Writes:
         self.counts: dict[int, int] = {}
         self.deliveries: list[tuple] = []
         self.acks: list[tuple] = []  # (answer index, recipient, up to seq)
-        self.silent_acks: list[tuple] = []  # (recipient, up to seq)
+        self.silent_acks: list[tuple] = []  # (recipient, after seq, up to seq)
         self.id_acks: list[tuple] = []  # (answer index, recipient, message id)
         self.answers = 0
         self.marks: list[tuple] = []
@@ -579,12 +587,11 @@ class _Writes:
     def arguments(self, keyed_rows: int) -> list[bytes | None]:
         """hub_write_batch's arguments in PostgreSQL's binary formats. An empty array goes as
         NULL, which the function reads as empty: nothing to write or for the server to read
-        (most of a small batch's 32 arguments)."""
+        (most of a small batch's 31 arguments)."""
         boxes = sorted(self.counts)
-        # The acks nobody waits to hear about (count index -1) and the marks: keyed where few.
-        keyed_acks, joined_acks = self.acks, self.silent_acks
-        if len(self.silent_acks) <= keyed_rows:
-            keyed_acks, joined_acks = keyed_acks + [(-1, *row) for row in joined_acks], []
+        # The acks, those nobody waits to hear about with count index -1; the marks keyed where
+        # few.
+        acks = self.acks + [(-1, *row) for row in self.silent_acks]
         keyed_marks, joined_marks = (
             (self.marks, []) if len(self.marks) <= keyed_rows else ([], self.marks)
         )
@@ -597,8 +604,7 @@ class _Writes:
             ),
             *_binary_columns([(box, self.counts[box]) for box in boxes], Bigints, Bigints),
             *_binary_columns(self.deliveries, Uuids, Bigints, Bigints, Timestamps),
-            *_binary_columns(keyed_acks, Integers, Bigints, Bigints),
-            *_binary_columns(joined_acks, Bigints, Bigints),
+            *_binary_columns(acks, Integers, Bigints, Bigints, Bigints),
             *_binary_columns(self.id_acks, Integers, Bigints, Uuids),
             *_binary_columns(keyed_marks, Bigints, Bigints),
             *_binary_columns(joined_marks, Bigints, Bigints),
@@ -896,10 +902,12 @@ def _settle_acks(cursor, sql: _Statements, acks: list[Ack], now) -> list[list | 
     silent = []
     for ack in acks:
         if ack.up_to_seq is not None and not ack.answer:
-            silent.append((ack.recipient_id, ack.up_to_seq))
+            silent.append((ack.recipient_id, ack.after_seq, ack.up_to_seq))
             settling.append(None)
         elif ack.up_to_seq is not None:
-            settling.append(sql.settle_up_to(cursor, now, ack.recipient_id, ack.up_to_seq))
+            settling.append(
+                sql.settle_up_to(cursor, now, ack.recipient_id, ack.after_seq, ack.up_to_seq)
+            )
         else:
             ids = [sql.uuid(value) for value in ack.message_ids]
             settling.append(sql.settle_ids(cursor, now, ack.recipient_id, ids))

@@ -780,6 +780,7 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
             frame["message_ids"],
             frame["up_to_seq"],
             answer=frame["ref"] is not None,
+            seen_seq=self.pushed_seq,
         )
         if not ack.answer:
             engine().ack_quietly(ack)
@@ -872,6 +873,9 @@ class AgentConsumer(ContextWatchMixin, AsyncJsonWebsocketConsumer):
         """Send queued and due unacknowledged messages again (the redelivery sweep asked)."""
         if self._agent_pk is None:
             return
+        # What it replays may lie below the seq the engine knows settled (an operator's
+        # redelivery of a dead letter): the acks that follow read everything again.
+        engine().forget_settled(self._agent_pk)
         # The sweep reaches this socket through its own channel; re-join the agent's group too,
         # which a Redis restarted without its data has forgotten, so live nudges arrive again.
         await self.channel_layer.group_add(agent_group(self._agent_pk), self.channel_name)

@@ -83,11 +83,17 @@ class Engine:
         self.batches_written = 0
         # The sockets of this process with an agent session, by channel name.
         self.sockets: dict[str, object] = {}
+        # Per recipient: [epoch, seq]. Every delivery up to seq is settled, as the acks of its
+        # sockets here committed it; an ack up to a seq reads only the deliveries after it.
+        # Reset (epoch + 1, seq 0) when a session opens and on every replay: an operator's
+        # redelivery of a dead letter makes an older seq pending again, and replays it.
+        self._settled: dict[int, list[int]] = {}
 
     # --- What sockets ask -------------------------------------------------------------------
 
     def attach(self, consumer) -> None:
         self.sockets[consumer.channel_name] = consumer
+        self.forget_settled(consumer.agent.pk)
 
     def detach(self, consumer) -> None:
         if self.sockets.get(consumer.channel_name) is consumer:
@@ -104,6 +110,7 @@ class Engine:
     def ack(self, ack: batch.Ack) -> asyncio.Future:
         """Queue an acknowledgement; the future gives how many deliveries it settled."""
         future = self._loop().create_future()
+        self._bound(ack)
         with self._lock:
             self._acks.append((ack, future))
             self._drop_acked_marks(ack)
@@ -116,12 +123,40 @@ class Engine:
         On its own each one made a batch of its own: at 1,000 messages/s that was one commit for
         the send and one for its ack. A batch that fails loses it, and the messages it settled
         are delivered again: at least once."""
+        self._bound(ack)
         with self._lock:
             self._quiet_acks.append((ack, None))
             self._drop_acked_marks(ack)
             sooner = self._due_within("_acks_due", ACK_DELAY)
         if sooner:
             self._wake()
+
+    def forget_settled(self, recipient_id: int) -> None:
+        """Let the next acks of this recipient read all its deliveries again (see `_settled`);
+        acks queued before do not move the seq known settled once they commit."""
+        state = self._settled.setdefault(recipient_id, [0, 0])
+        state[0] += 1
+        state[1] = 0
+
+    def _bound(self, ack: batch.Ack) -> None:
+        """Give an ack up to a seq the seq below which it has nothing to read.
+
+        An ack up to a seq read every delivery of the recipient below it, through an index
+        that keeps an entry for each delivery acked before until a vacuum, or through one of
+        all its deliveries, whichever the writer's first plan took: 8,454 entries an ack in 15
+        seconds of bench direct on PostgreSQL, and growing."""
+        if ack.up_to_seq is not None:
+            ack.epoch, ack.after_seq = self._settled.setdefault(ack.recipient_id, [0, 0])
+
+    def _settle(self, acks) -> None:
+        """Move the seqs known settled on by the committed acks up to a seq: up to the seq,
+        but not past what the acking socket had seen (all of it committed, in seq order)."""
+        for ack, _ in acks:
+            if ack.up_to_seq is None:
+                continue
+            state = self._settled.get(ack.recipient_id)
+            if state is not None and state[0] == ack.epoch:
+                state[1] = max(state[1], min(ack.up_to_seq, ack.seen_seq))
 
     def _drop_acked_marks(self, ack: batch.Ack) -> None:
         """Forget the queued delivered marks an ack settles (lock held): the ack records the
@@ -353,6 +388,7 @@ class Engine:
         for (_, future), count in zip(acks, outcome.acks, strict=True):
             if future is not None and not future.done():
                 future.set_result(count)
+        self._settle(acks)
         # After the callbacks those results scheduled: a socket that sent to itself reads its
         # `accepted` before the message, whether it answers from a callback or a task.
         if after:

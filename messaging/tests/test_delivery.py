@@ -257,6 +257,29 @@ async def test_an_operator_can_redeliver_a_dead_letter(alice, bob, hub_settings)
     await b.disconnect()
 
 
+async def test_a_dead_letter_redelivered_below_what_was_acked_is_settled_by_the_next_ack(
+    alice, bob
+):
+    for n in range(3):
+        await send(alice, payload=n)
+    b, _ = await connect(bob)
+    await receive_messages(b, 3)
+    # seq 2 ran out of attempts meanwhile; the ack up to 3 settles the others.
+    await in_db(lambda: Delivery.objects.filter(recipient=bob.agent, seq=2).update(status="dead"))()
+    assert (await request(b, {"type": "ack", "up_to_seq": 3, "ref": "k1"}))["acked"] == 2
+
+    def redeliver():
+        return services.dead_letters_redeliver(deliveries=list(DeadLetter.objects.all()))
+
+    assert await in_db(redeliver)() == 1
+    [again] = await receive_messages(b, 1)
+    assert again["seq"] == 2
+    # The replay made the engine forget that everything up to 3 was settled.
+    assert (await request(b, {"type": "ack", "up_to_seq": 3, "ref": "k2"}))["acked"] == 1
+    assert await in_db(statuses)(bob) == ["acked"] * 3
+    await b.disconnect()
+
+
 def test_purging_dead_letters_deletes_only_dead_deliveries(alice, bob, carol):
     services.message_send(sender=alice.agent, kind="direct", to="bob", payload=1)
     services.message_send(sender=alice.agent, kind="direct", to="bob", payload=2)

@@ -42,8 +42,9 @@ def test_each_loop_has_its_own_engine_in_turn_and_side_by_side():
 
 
 class _Socket:
-    def __init__(self, name, written):
-        self.channel_name, self._written = name, written
+    def __init__(self, pk, written):
+        self.channel_name, self._written = f"agent-{pk}", written
+        self.agent = Agent(pk=pk)
 
     def deliver_local(self, frames):
         self._written += [f"{self.channel_name} gets {frame['seq']}" for frame in frames]
@@ -56,7 +57,7 @@ def _answered_batch(written, batches):
     async def answer():
         hub = engine()
         for pk in (1, 2, 3):
-            hub.attach(_Socket(f"agent-{pk}", written))
+            hub.attach(_Socket(pk, written))
         for number, pairs in enumerate(batches):
             sends = []
             for sender, *_ in pairs:

@@ -128,7 +128,7 @@ def test_a_batch_call_that_begins_a_callers_transaction_is_rolled_back_with_it(a
     with transaction.atomic():
         # The call is the transaction's first statement.
         with batch._driver_cursor(connection, sql) as cursor, sql.gathering(cursor):
-            sql.ack_silently(cursor, timezone.now(), [(bob.agent.pk, 1)])
+            sql.ack_silently(cursor, timezone.now(), [(bob.agent.pk, 0, 1)])
         assert inbox(bob) == [(1, 1, "acked")]
         transaction.set_rollback(True)
     assert inbox(bob) == [(1, 1, "queued")]
@@ -263,6 +263,66 @@ def test_a_batch_on_sqlite_runs_as_many_statements_whatever_its_size(alice, bob,
 
     # With a statement per row (executemany) these were 17 and 809.
     assert statements(2) == statements(200)
+
+
+def test_an_ack_up_to_a_seq_reads_only_the_deliveries_after_its_settled_seq(alice, bob):
+    batch.write_batch([outgoing(alice, "bob", n) for n in range(5)], [], {})
+    result = batch.write_batch([], [batch.Ack(bob.agent.pk, up_to_seq=5, after_seq=2)], {})
+    assert result.acks == [3]
+    quiet = batch.Ack(bob.agent.pk, up_to_seq=5, after_seq=1, answer=False)
+    batch.write_batch([], [quiet], {})
+    assert [status for _, _, status in inbox(bob)] == ["queued"] + ["acked"] * 4
+
+
+def _entries_read() -> int:
+    """Entries of the deliveries' indexes this session's scans have read so far (PostgreSQL)."""
+    with connection.cursor() as cursor:
+        # What this session read is counted once it goes idle; forced, that is now.
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute(
+            "SELECT pg_stat_clear_snapshot(), sum(idx_tup_read) FROM pg_stat_user_indexes"
+            " WHERE relname = %s",
+            [Delivery._meta.db_table],
+        )
+        return cursor.fetchone()[1]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's statistics")
+@pytest.mark.parametrize("answer", [True, False])
+def test_an_ack_reads_its_window_not_the_recipients_history(alice, bob, answer):
+    batch.write_batch([outgoing(alice, "bob", n) for n in range(300)], [], {})
+    for up_to in range(10, 300, 10):
+        ack = batch.Ack(bob.agent.pk, up_to_seq=up_to, after_seq=up_to - 10, answer=answer)
+        batch.write_batch([], [ack], {})
+    before = _entries_read()
+    ack = batch.Ack(bob.agent.pk, up_to_seq=300, after_seq=290, answer=answer)
+    batch.write_batch([], [ack], {})
+    # Bounded below it reads its ten deliveries, however the writer planned it; from the
+    # first seq it read 300, through either index of the recipient's deliveries.
+    assert _entries_read() - before <= 20
+    assert [status for _, _, status in inbox(bob)] == ["acked"] * 300
+
+
+async def test_an_ack_reads_after_the_seq_its_recipients_committed_acks_settled(alice, bob):
+    writer = engine()
+    await asyncio.gather(*[writer.send(outgoing(alice, "bob", n)) for n in range(8)])
+    first = batch.Ack(bob.agent.pk, up_to_seq=4, seen_seq=3)
+    assert await writer.ack(first) == 4
+    assert first.after_seq == 0
+    # Settled up to the smaller of the seq acked and the seq its socket had seen.
+    second = batch.Ack(bob.agent.pk, up_to_seq=6, seen_seq=6)
+    assert await writer.ack(second) == 2
+    assert second.after_seq == 3
+    # Forgotten (a replay), and an ack queued before that does not move it on.
+    stale = writer.ack(batch.Ack(bob.agent.pk, up_to_seq=7, seen_seq=7))
+    writer.forget_settled(bob.agent.pk)
+    assert await stale == 1
+    third = batch.Ack(bob.agent.pk, up_to_seq=8, seen_seq=8)
+    assert await writer.ack(third) == 1
+    assert third.after_seq == 0
+    fourth = batch.Ack(bob.agent.pk, up_to_seq=8, seen_seq=8)
+    assert await writer.ack(fourth) == 0
+    assert fourth.after_seq == 8
 
 
 async def test_sends_queued_together_are_stored_in_one_transaction(alice, bob):
