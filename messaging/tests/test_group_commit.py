@@ -274,17 +274,19 @@ def test_an_ack_up_to_a_seq_reads_only_the_deliveries_after_its_settled_seq(alic
     assert [status for _, _, status in inbox(bob)] == ["queued"] + ["acked"] * 4
 
 
-def _entries_read() -> int:
-    """Entries of the deliveries' indexes this session's scans have read so far (PostgreSQL)."""
+def _deliveries_statistic(figure: str) -> int:
+    """A sum over PostgreSQL's statistics views (`figure`, with its FROM and a relname = %s)
+    for the deliveries' table, as far as this session has read it."""
     with connection.cursor() as cursor:
         # What this session read is counted once it goes idle; forced, that is now.
         cursor.execute("SELECT pg_stat_force_next_flush()")
-        cursor.execute(
-            "SELECT pg_stat_clear_snapshot(), sum(idx_tup_read) FROM pg_stat_user_indexes"
-            " WHERE relname = %s",
-            [Delivery._meta.db_table],
-        )
+        cursor.execute(f"SELECT pg_stat_clear_snapshot(), {figure}", [Delivery._meta.db_table])
         return cursor.fetchone()[1]
+
+
+def _entries_read() -> int:
+    """Entries of the deliveries' indexes this session's scans have read so far."""
+    return _deliveries_statistic("sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = %s")
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's statistics")
@@ -306,23 +308,21 @@ def test_an_ack_reads_its_window_not_the_recipients_history(alice, bob, answer):
 async def test_an_ack_reads_after_the_seq_its_recipients_committed_acks_settled(alice, bob):
     writer = engine()
     await asyncio.gather(*[writer.send(outgoing(alice, "bob", n)) for n in range(8)])
-    first = batch.Ack(bob.agent.pk, up_to_seq=4, seen_seq=3)
-    assert await writer.ack(first) == 4
-    assert first.after_seq == 0
+
+    async def ack(up_to_seq: int, seen_seq: int) -> tuple[int, int]:
+        """How many deliveries an ack of bob's settled, and the seq it read after."""
+        each = batch.Ack(bob.agent.pk, up_to_seq=up_to_seq, seen_seq=seen_seq)
+        return await writer.ack(each), each.after_seq
+
+    assert await ack(4, seen_seq=3) == (4, 0)
     # Settled up to the smaller of the seq acked and the seq its socket had seen.
-    second = batch.Ack(bob.agent.pk, up_to_seq=6, seen_seq=6)
-    assert await writer.ack(second) == 2
-    assert second.after_seq == 3
+    assert await ack(6, seen_seq=6) == (2, 3)
     # Forgotten (a replay), and an ack queued before that does not move it on.
     stale = writer.ack(batch.Ack(bob.agent.pk, up_to_seq=7, seen_seq=7))
     writer.forget_settled(bob.agent.pk)
     assert await stale == 1
-    third = batch.Ack(bob.agent.pk, up_to_seq=8, seen_seq=8)
-    assert await writer.ack(third) == 1
-    assert third.after_seq == 0
-    fourth = batch.Ack(bob.agent.pk, up_to_seq=8, seen_seq=8)
-    assert await writer.ack(fourth) == 0
-    assert fourth.after_seq == 8
+    assert await ack(8, seen_seq=8) == (1, 0)
+    assert await ack(8, seen_seq=8) == (0, 8)
 
 
 async def test_sends_queued_together_are_stored_in_one_transaction(alice, bob):
@@ -666,15 +666,9 @@ def test_the_writers_statements_read_one_recipient_whatever_the_tables_held_when
 
     def deliveries_read() -> int:
         """Entries of the deliveries' table and indexes this server has read so far."""
-        with connection.cursor() as cursor:
-            # What this session read is counted once it goes idle; forced, that is now.
-            cursor.execute("SELECT pg_stat_force_next_flush()")
-            cursor.execute(
-                "SELECT pg_stat_clear_snapshot(), seq_tup_read + coalesce(idx_tup_fetch, 0)"
-                " FROM pg_stat_user_tables WHERE relname = %s",
-                [Delivery._meta.db_table],
-            )
-            return cursor.fetchone()[1]
+        return _deliveries_statistic(
+            "seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = %s"
+        )
 
     # A delivered mark and an ack for bob's one pending delivery.
     batch.write_batch([outgoing(alice, "bob", 2)], [], {})
