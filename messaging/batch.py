@@ -332,19 +332,20 @@ class _PostgresStatements(_Statements):
     0.49-0.59 ms of its CPU instead of 1.0-1.1 ms (`write_batch` alone, 1,500 batches). One
     statement is its own transaction: nothing of it stays if any part fails.
 
-    The function marks a few deliveries (`keyed_rows` or fewer) a statement each, keyed
-    on the recipient, and the lookups of names and client ids are a keyed subquery per value. A
-    generic plan is made once, when the writer first runs a statement, often on tables still
+    The function acks and marks a few deliveries (`keyed_acks`, `keyed_rows` or fewer) a
+    statement each, keyed on the recipient, and the lookups of names and client ids are a keyed
+    subquery per value. A generic plan is made once, when the writer first runs a statement,
+    often on tables still
     nearly empty: for the join of the arrays with the deliveries it was a hash join over every
     entry of `delivery_pending_idx`, which until a vacuum keeps one for each delivery ever
     pending. After 40,000 messages an ack for five recipients read 40,005 entries (4.4 ms of the
     database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew from 1.3 to
     3.8 ms over 8,000 batches; keyed, each statement is an index scan of its recipient whatever
-    the statistics. Many marks go in one statement over arrays, the join, whose cost is spread
+    the statistics. Many go in one statement over arrays, the join, whose cost is spread
     over the batch. Naming the recipients to the table as well (`recipient_id = ANY(...)`) made
     the planner loop over the array inside an index scan of the recipients: one fan-out batch
-    of marks took 4.8 s. Acks up to a seq go a statement each, however many (messaging
-    migration 0006), each reading only the deliveries after the seq the engine knows settled.
+    of marks took 4.8 s. Acks up to a seq read only the deliveries after the seq the engine
+    knows settled (messaging migration 0006), keyed or joined.
 
     The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
     an array in Python, quoting and escaping element by element, which took 3.4 ms for the
@@ -358,6 +359,10 @@ class _PostgresStatements(_Statements):
     prepare_threshold = 2**31
     # Delivered marks up to this many go a statement each in the function (see above).
     keyed_rows = 32
+    # Quiet acks up to this many go a statement each; more, one statement over arrays. A batch of
+    # direct sends carries 30-50 (bench direct); one of broadcasts to 1,000 agents, hundreds,
+    # each a statement cost fan-out on PostgreSQL 13% of its broadcasts a second.
+    keyed_acks = 100
     # Agents remembered (see `remembered`); past this many, the writer starts afresh.
     remember_at_most = 50_000
 
@@ -538,8 +543,11 @@ _WRITE_ARGUMENTS = (
     "bigint[]", "bigint[]",
     # deliveries: message, recipient, seq counted back from the new last seq, expiry
     "uuid[]", "bigint[]", "bigint[]", "timestamptz[]",
-    # acks up to a seq: count index (-1: no count wanted), recipient, seq settled before, seq
+    # acks up to a seq, keyed: count index (-1: no count wanted), recipient, seq settled before,
+    # seq
     "integer[]", "bigint[]", "bigint[]", "bigint[]",
+    # acks up to a seq, joined: recipient, seq settled before, seq
+    "bigint[]", "bigint[]", "bigint[]",
     # acks by message id: count index, recipient, message
     "integer[]", "bigint[]", "uuid[]",
     # delivered marks, keyed and joined: recipient, seq
@@ -589,9 +597,11 @@ class _Writes:
         NULL, which the function reads as empty: nothing to write or for the server to read
         (most of a small batch's 31 arguments)."""
         boxes = sorted(self.counts)
-        # The acks, those nobody waits to hear about with count index -1; the marks keyed where
-        # few.
-        acks = self.acks + [(-1, *row) for row in self.silent_acks]
+        # The acks nobody waits to hear about (count index -1) keyed unless many; the marks
+        # keyed where few.
+        keyed_acks, joined_acks = self.acks, self.silent_acks
+        if len(self.silent_acks) <= _PostgresStatements.keyed_acks:
+            keyed_acks, joined_acks = keyed_acks + [(-1, *row) for row in joined_acks], []
         keyed_marks, joined_marks = (
             (self.marks, []) if len(self.marks) <= keyed_rows else ([], self.marks)
         )
@@ -604,7 +614,8 @@ class _Writes:
             ),
             *_binary_columns([(box, self.counts[box]) for box in boxes], Bigints, Bigints),
             *_binary_columns(self.deliveries, Uuids, Bigints, Bigints, Timestamps),
-            *_binary_columns(acks, Integers, Bigints, Bigints, Bigints),
+            *_binary_columns(keyed_acks, Integers, Bigints, Bigints, Bigints),
+            *_binary_columns(joined_acks, Bigints, Bigints, Bigints),
             *_binary_columns(self.id_acks, Integers, Bigints, Uuids),
             *_binary_columns(keyed_marks, Bigints, Bigints),
             *_binary_columns(joined_marks, Bigints, Bigints),

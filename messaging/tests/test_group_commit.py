@@ -274,6 +274,14 @@ def test_an_ack_up_to_a_seq_reads_only_the_deliveries_after_its_settled_seq(alic
     assert [status for _, _, status in inbox(bob)] == ["queued"] + ["acked"] * 4
 
 
+def test_many_quiet_acks_in_a_batch_read_only_after_their_settled_seq(alice, bob, monkeypatch):
+    monkeypatch.setattr(batch._PostgresStatements, "keyed_acks", 1)  # joined from two on
+    batch.write_batch([outgoing(alice, "bob", n) for n in range(6)], [], {})
+    quiet = [batch.Ack(bob.agent.pk, up_to_seq=seq, after_seq=3, answer=False) for seq in (5, 6)]
+    batch.write_batch([], quiet, {})
+    assert [status for _, _, status in inbox(bob)] == ["queued"] * 3 + ["acked"] * 3
+
+
 def _deliveries_statistic(figure: str) -> int:
     """A sum over PostgreSQL's statistics views (`figure`, with its FROM and a relname = %s)
     for the deliveries' table, as far as this session has read it."""
