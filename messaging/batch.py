@@ -335,17 +335,16 @@ class _PostgresStatements(_Statements):
     The function acks and marks a few deliveries (`keyed_acks`, `keyed_rows` or fewer) a
     statement each, keyed on the recipient, and the lookups of names and client ids are a keyed
     subquery per value. A generic plan is made once, when the writer first runs a statement,
-    often on tables still
-    nearly empty: for the join of the arrays with the deliveries it was a hash join over every
-    entry of `delivery_pending_idx`, which until a vacuum keeps one for each delivery ever
-    pending. After 40,000 messages an ack for five recipients read 40,005 entries (4.4 ms of the
-    database's time, EXPLAIN ANALYZE), and a batch's share of PostgreSQL's CPU grew from 1.3 to
-    3.8 ms over 8,000 batches; keyed, each statement is an index scan of its recipient whatever
-    the statistics. Many go in one statement over arrays, the join, whose cost is spread
-    over the batch. Naming the recipients to the table as well (`recipient_id = ANY(...)`) made
-    the planner loop over the array inside an index scan of the recipients: one fan-out batch
-    of marks took 4.8 s. Acks up to a seq read only the deliveries after the seq the engine
-    knows settled (messaging migration 0006), keyed or joined.
+    often on tables still nearly empty: for the join of the arrays with the deliveries it was a
+    hash join over every entry of `delivery_pending_idx`, which until a vacuum keeps one for
+    each delivery ever pending. After 40,000 messages an ack for five recipients read 40,005
+    entries (4.4 ms of the database's time, EXPLAIN ANALYZE), and a batch's share of
+    PostgreSQL's CPU grew from 1.3 to 3.8 ms over 8,000 batches; keyed, each statement is an
+    index scan of its recipient whatever the statistics. Many go in one statement over arrays,
+    the join, whose cost is spread over the batch. Naming the recipients to the table as well
+    (`recipient_id = ANY(...)`) made the planner loop over the array inside an index scan of the
+    recipients: one fan-out batch of marks took 4.8 s. Acks up to a seq read only the deliveries
+    after the seq the engine knows settled (messaging migration 0006), keyed or joined.
 
     The arrays travel in PostgreSQL's binary format (`%b`): psycopg writes the text format of
     an array in Python, quoting and escaping element by element, which took 3.4 ms for the
@@ -493,7 +492,9 @@ class _PostgresStatements(_Statements):
         yield
         cursor.writes = None
         if writes.any():
-            writes.rows = _commit(cursor, self.call, writes.arguments(self.keyed_rows))
+            writes.rows = _commit(
+                cursor, self.call, writes.arguments(self.keyed_acks, self.keyed_rows)
+            )
 
     def insert_messages(self, cursor, rows, created_at) -> None:
         cursor.writes.messages, cursor.writes.created = rows, created_at
@@ -572,7 +573,7 @@ class _Writes:
         self.messages: list[tuple] = []
         self.counts: dict[int, int] = {}
         self.deliveries: list[tuple] = []
-        self.acks: list[tuple] = []  # (answer index, recipient, up to seq)
+        self.acks: list[tuple] = []  # (answer index, recipient, after seq, up to seq)
         self.silent_acks: list[tuple] = []  # (recipient, after seq, up to seq)
         self.id_acks: list[tuple] = []  # (answer index, recipient, message id)
         self.answers = 0
@@ -592,7 +593,7 @@ class _Writes:
         self.answers += 1
         return self.answers - 1
 
-    def arguments(self, keyed_rows: int) -> list[bytes | None]:
+    def arguments(self, keyed_ack_rows: int, keyed_rows: int) -> list[bytes | None]:
         """hub_write_batch's arguments in PostgreSQL's binary formats. An empty array goes as
         NULL, which the function reads as empty: nothing to write or for the server to read
         (most of a small batch's 31 arguments)."""
@@ -600,7 +601,7 @@ class _Writes:
         # The acks nobody waits to hear about (count index -1) keyed unless many; the marks
         # keyed where few.
         keyed_acks, joined_acks = self.acks, self.silent_acks
-        if len(self.silent_acks) <= _PostgresStatements.keyed_acks:
+        if len(self.silent_acks) <= keyed_ack_rows:
             keyed_acks, joined_acks = keyed_acks + [(-1, *row) for row in joined_acks], []
         keyed_marks, joined_marks = (
             (self.marks, []) if len(self.marks) <= keyed_rows else ([], self.marks)

@@ -61,21 +61,15 @@ DROP_OLD = f"DROP FUNCTION hub_write_batch({OLD_SIGNATURE})"
 DROP_NEW = "DROP FUNCTION hub_write_batch"
 
 
-def forwards(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(DROP_OLD)
-        schema_editor.execute(_new_function())
-
-
-def backwards(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(DROP_NEW)
-        schema_editor.execute(first.WRITE_BATCH)
-
-
 class Migration(migrations.Migration):
     dependencies = [
         ("messaging", "0005_delivery_message_key_unchecked"),
     ]
 
-    operations = [migrations.RunPython(forwards, backwards)]
+    # Backwards, in reverse order: the new function dropped, then 0004's created again.
+    operations = [
+        migrations.RunPython(
+            first._on_postgresql(DROP_OLD), first._on_postgresql(first.WRITE_BATCH)
+        ),
+        migrations.RunPython(first._on_postgresql(_new_function()), first._on_postgresql(DROP_NEW)),
+    ]
